@@ -1,0 +1,45 @@
+"""jckpt: fast, atomic, checksummed checkpoints of JAX training state on tensorstore."""
+
+from jckpt.api import all_steps
+from jckpt.api import delete
+from jckpt.api import info
+from jckpt.api import latest_step
+from jckpt.api import verify
+from jckpt.errors import CheckpointNotFoundError
+from jckpt.errors import CorruptCheckpointError
+from jckpt.errors import NotACheckpointRootError
+from jckpt.errors import StepExistsError
+from jckpt.errors import TreeMismatchError
+from jckpt.errors import UnsupportedFormatError
+from jckpt.errors import UnsupportedLeafError
+from jckpt.manifest import CheckpointInfo
+from jckpt.restore import restore
+from jckpt.save import SaveOptions
+from jckpt.save import save
+from jckpt.save import save_snapshot
+from jckpt.snapshot import Snapshot
+from jckpt.snapshot import snapshot
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "NotACheckpointRootError",
+    "SaveOptions",
+    "Snapshot",
+    "StepExistsError",
+    "TreeMismatchError",
+    "UnsupportedFormatError",
+    "UnsupportedLeafError",
+    "all_steps",
+    "delete",
+    "info",
+    "latest_step",
+    "restore",
+    "save",
+    "save_snapshot",
+    "snapshot",
+    "verify",
+)

@@ -1,0 +1,41 @@
+"""Errors raised by jckpt.
+
+Each subclasses a standard exception, so callers may catch either::
+
+    try:
+        jckpt.restore(directory)
+    except FileNotFoundError:   # also catches jckpt.CheckpointNotFoundError
+        state = init()
+"""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No committed checkpoint (or not the requested step) exists at a root."""
+
+
+class StepExistsError(FileExistsError):
+    """A committed checkpoint already exists for this step; it is left untouched."""
+
+
+class NotACheckpointRootError(FileExistsError):
+    """A non-empty directory without a jckpt root marker was given as a root."""
+
+
+class CorruptCheckpointError(OSError):
+    """Stored bytes do not match their recorded hash, or a data file is missing.
+
+    Subclasses ``OSError`` like ``gzip.BadGzipFile``: the files on disk are bad,
+    not the caller's arguments.
+    """
+
+
+class TreeMismatchError(ValueError):
+    """The requested tree (``like``) does not match what the checkpoint holds."""
+
+
+class UnsupportedFormatError(ValueError):
+    """A checkpoint was written in a format version this jckpt cannot read."""
+
+
+class UnsupportedLeafError(TypeError):
+    """A leaf of a type jckpt cannot save; the message names its key path."""

@@ -1,0 +1,100 @@
+"""Reclaiming space: uncommitted leftovers, deleted steps, unreferenced chunks.
+
+The rule is one: a key under the root survives iff a committed manifest
+references it (see ``manifest.referenced_keys``).  Deleting a step removes its
+manifest first (the step disappears atomically), then whatever no remaining
+manifest references, so a crash at any point loses nothing that is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jckpt import layout, storage
+from jckpt import manifest as manifest_lib
+
+
+def _manifests(root: layout.Root) -> list[dict]:
+    return [root.read_manifest(step) for step in root.committed_steps()]
+
+
+def _data_dirs_on_disk(root: layout.Root) -> set[str]:
+    path = storage.local_path(root.spec)
+    if path is None:
+        return {"/".join(k.split("/")[:2]) for k in root.list("step_") if k.count("/") >= 2}
+    found = set()
+    if not os.path.isdir(path):
+        return found
+    for entry in os.scandir(path):
+        if entry.is_dir() and layout.parse_step_dir(entry.name) is not None:
+            found.update(f"{entry.name}/{d.name}" for d in os.scandir(entry.path) if d.is_dir())
+    return found
+
+
+def _remove_empty_step_dirs(root: layout.Root) -> None:
+    path = storage.local_path(root.spec)
+    if path is None or not os.path.isdir(path):
+        return
+    for entry in os.scandir(path):
+        if entry.is_dir() and layout.parse_step_dir(entry.name) is not None:
+            try:
+                os.rmdir(entry.path)  # only succeeds when empty
+            except OSError:
+                pass
+
+
+def discard(root: layout.Root, data_dir: str) -> None:
+    """Best-effort removal of a failed save's data directory."""
+    try:
+        root.delete_prefix(data_dir + "/")
+        _remove_empty_step_dirs(root)
+    except Exception:  # the next save's remove_uncommitted retries
+        pass
+
+
+def remove_uncommitted(root: layout.Root) -> list[str]:
+    """Deletes leftover data directories of saves that never committed.
+
+    Candidates are data directories under a step without a manifest, or under
+    a step holding more than one; each is deleted unless a committed manifest
+    references it.  In the common case (no crash, no deletes) no manifest is read.
+
+    Returns:
+      The data directories removed.
+    """
+    by_step: dict[str, list[str]] = {}
+    for data_dir in _data_dirs_on_disk(root):
+        by_step.setdefault(data_dir.split("/")[0], []).append(data_dir)
+    committed = {layout.step_dir(s) for s in root.committed_steps()}
+    candidates = {
+        d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs
+    }
+    if not candidates:
+        return []
+    referenced = set().union(set(), *(manifest_lib.data_dirs(m) for m in _manifests(root)))
+    removed = sorted(candidates - referenced)
+    for data_dir in removed:
+        root.delete_prefix(data_dir + "/")
+    _remove_empty_step_dirs(root)
+    return removed
+
+
+def collect(root: layout.Root) -> int:
+    """Deletes every key under ``step_*`` that no committed manifest references.
+
+    Returns:
+      The number of keys (files) deleted.
+    """
+    manifests = _manifests(root)
+    referenced = set().union(set(), *(manifest_lib.referenced_keys(m) for m in manifests))
+    garbage = [k for k in root.list("step_") if k not in referenced]
+    root.delete(*garbage)
+    _remove_empty_step_dirs(root)
+    return len(garbage)
+
+
+def delete_step(root: layout.Root, step: int) -> None:
+    """Uncommits ``step`` (its manifest goes first), then reclaims what it alone held."""
+    root.read_manifest(step)  # raises CheckpointNotFoundError if absent
+    root.delete(layout.manifest_key(step))
+    collect(root)

@@ -1,0 +1,344 @@
+"""save(): snapshot to host, hash chunks, write the chunks that changed, write the manifest last."""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorstore as ts
+import xxhash
+
+from jckpt import chunking, gc, hashing, layout, storage
+from jckpt import manifest as manifest_lib
+from jckpt.errors import StepExistsError
+from jckpt.snapshot import LeafSnapshot, Snapshot, snapshot
+
+KINDS = ("full", "incremental")
+PACK_ALIGN = 64
+
+
+class SaveOptions(NamedTuple):
+    """Tuning knobs of a save (see docs/format.md for the defaults' measurements).
+
+    Attributes:
+      chunk_bytes: target chunk size; chunks never straddle shards.
+      compression: None, "zstd" or "blosc" (tensorstore codecs, lossless).
+      max_inflight_bytes: bound on bytes handed to tensorstore and not yet durable.
+    """
+
+    chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES
+    compression: str | None = None
+    max_inflight_bytes: int = 512 * 2**20
+
+
+def array_id(path: str) -> str:
+    """A stable, filesystem-safe directory name for a leaf's array."""
+    return "a" + xxhash.xxh3_64_hexdigest(path.encode())
+
+
+def _leaf_entry(leaf: LeafSnapshot, options: SaveOptions) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": leaf.path, "keys": leaf.parts, "origin": leaf.origin}
+    if leaf.origin == "none":
+        return entry
+    entry.update(dtype=leaf.dtype, stored_dtype=leaf.stored_dtype, shape=list(leaf.shape), **leaf.extra)
+    if not leaf.packable:
+        itemsize = np.dtype(leaf.stored_dtype).itemsize
+        entry["array"] = array_id(leaf.path)
+        entry["chunk_shape"] = chunking.chunk_shape(leaf.shape, itemsize, leaf.steps, options.chunk_bytes)
+        entry["chunks"] = {}
+    return entry
+
+
+def plan(snap: Snapshot, options: SaveOptions) -> tuple[list[dict[str, Any]], int]:
+    """The manifest's leaf entries (chunks still empty) and the packed blob's size.
+
+    Every process computes the same plan from its own snapshot.
+    """
+    entries, offset = [], 0
+    for leaf in snap.leaves:
+        entry = _leaf_entry(leaf, options)
+        if leaf.packable and leaf.origin != "none":
+            nbytes = manifest_lib.leaf_nbytes(entry)
+            entry["packed"] = [offset, nbytes]
+            offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+        entries.append(entry)
+    return entries, offset
+
+
+def _base_chunks(base: dict[str, Any] | None) -> dict[str, tuple[dict, tuple]]:
+    """path -> (chunks, compatibility key) of the base manifest's arrays (and the packed blob)."""
+    if base is None:
+        return {}
+    out = {
+        leaf["path"]: (leaf["chunks"], (leaf["stored_dtype"], leaf["shape"], leaf["chunk_shape"]))
+        for leaf in manifest_lib.array_leaves(base)
+    }
+    if base.get("packed"):
+        out[manifest_lib.PACKED_ARRAY] = (base["packed"]["chunks"], base["packed"]["chunk_bytes"])
+    return out
+
+
+class _Writer:
+    """Hashes chunks, skips those the base already holds, writes the rest with bounded memory."""
+
+    def __init__(self, root: layout.Root, data_dir: str, options: SaveOptions, base: dict | None):
+        self.root, self.data_dir, self.options = root, data_dir, options
+        self.base = _base_chunks(base)
+        self.pending: list[tuple[ts.Future, list[tuple[chunking.Region, np.ndarray]]]] = []
+        self.bytes_written = 0
+
+    def add_array(self, key: str, shape, dtype: str, chunk_shape, pieces, compat) -> dict:
+        """Hashes ``pieces`` ([(chunk id, global region, data)]) and queues the new ones.
+
+        Returns the chunk table {chunk name: [hash, data dir]}.
+        """
+        base_chunks, base_compat = self.base.get(key, ({}, None))
+        reusable = base_compat == compat
+        table, writes = {}, []
+        for chunk_id, region, data in pieces:
+            name = chunking.chunk_name(chunk_id)
+            digest = hashing.chunk_hash(data)
+            held = base_chunks.get(name) if reusable else None
+            if held is not None and held[0] == digest:
+                table[name] = [digest, held[1]]
+            else:
+                table[name] = [digest, self.data_dir]
+                writes.append((region, data))
+        if writes:
+            kv = storage.join(self.root.spec, f"{self.data_dir}/{key}")
+            spec = storage.zarr3_spec(kv, shape, dtype, chunk_shape, self.options.compression)
+            self.pending.append((ts.open(spec, open=True, create=True, context=self.root.ctx), writes))
+        return table
+
+    def flush(self) -> None:
+        """Writes every queued chunk; at most ``max_inflight_bytes`` are in flight."""
+        inflight: collections.deque = collections.deque()
+        inflight_bytes = 0
+        for opening, writes in self.pending:
+            store = opening.result()
+            for region, data in writes:
+                future = store[region].write(data, can_reference_source_data_indefinitely=True)
+                inflight.append((future, data.nbytes))
+                inflight_bytes += data.nbytes
+                self.bytes_written += data.nbytes
+                while inflight_bytes > self.options.max_inflight_bytes:
+                    done, nbytes = inflight.popleft()
+                    done.result()
+                    inflight_bytes -= nbytes
+        for future, _ in inflight:
+            future.result()
+
+
+def _shard_pieces(leaf: LeafSnapshot, chunk_shape):
+    for shard in leaf.shards:
+        for chunk_id in chunking.chunk_ids_in(shard.region, chunk_shape):
+            region = chunking.chunk_region(chunk_id, chunk_shape, leaf.shape)
+            yield chunk_id, region, shard.data[chunking.relative(region, shard.region)]
+
+
+def _packed_blob(snap: Snapshot, entries: list[dict], size: int) -> np.ndarray:
+    blob = np.zeros(size, np.uint8)
+    for leaf, entry in zip(snap.leaves, entries):
+        if "packed" in entry:
+            offset, nbytes = entry["packed"]
+            data = leaf.shards[0].data
+            blob[offset : offset + nbytes] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return blob
+
+
+def write_fragment(
+    root: layout.Root,
+    data_dir: str,
+    snap: Snapshot,
+    entries: list[dict[str, Any]],
+    packed_size: int,
+    options: SaveOptions,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes this process's chunks; returns its manifest fragment.
+
+    A fragment is ``{"chunks": {path: {chunk: [hash, data dir]}}, "packed": chunks | None,
+    "bytes_written": n}``.  Process 0 also writes the packed blob and host-side
+    (numpy / Python) leaves; jax arrays are written by whoever holds replica 0.
+    """
+    writer = _Writer(root, data_dir, options, base)
+    primary = snap.process_index == 0
+    chunks = {}
+    for leaf, entry in zip(snap.leaves, entries):
+        if "array" not in entry or (leaf.origin != "jax" and not primary):
+            continue
+        compat = (entry["stored_dtype"], entry["shape"], entry["chunk_shape"])
+        pieces = _shard_pieces(leaf, entry["chunk_shape"])
+        chunks[leaf.path] = writer.add_array(
+            entry["array"], leaf.shape, leaf.stored_dtype, entry["chunk_shape"], pieces, compat
+        )
+    packed = None
+    if primary and packed_size:
+        blob = _packed_blob(snap, entries, packed_size)
+        chunk = min(options.chunk_bytes, packed_size)
+        pieces = (
+            ((i,), (slice(i * chunk, min((i + 1) * chunk, packed_size)),), blob[i * chunk : (i + 1) * chunk])
+            for i in range(-(-packed_size // chunk))
+        )
+        packed = writer.add_array(
+            manifest_lib.PACKED_ARRAY, [packed_size], "uint8", [chunk], pieces, chunk
+        )
+    writer.flush()
+    return {"chunks": chunks, "packed": packed, "bytes_written": writer.bytes_written}
+
+
+def assemble(
+    entries: list[dict[str, Any]],
+    packed_size: int,
+    fragments: list[dict[str, Any]],
+    *,
+    step: int,
+    kind: str,
+    options: SaveOptions,
+    metrics: Any = None,
+    metadata: Any = None,
+    base_step: int | None = None,
+) -> dict[str, Any]:
+    """Merges per-process fragments into the step's manifest (without timings)."""
+    merged: dict[str, dict] = {}
+    for fragment in fragments:
+        for path, table in fragment["chunks"].items():
+            merged.setdefault(path, {}).update(table)
+    leaves = [
+        {**entry, "chunks": merged.get(entry["path"], {})} if "array" in entry else entry
+        for entry in entries
+    ]
+    packed_chunks = next((f["packed"] for f in fragments if f["packed"] is not None), None)
+    packed = None
+    if packed_size:
+        packed = {
+            "nbytes": packed_size,
+            "chunk_bytes": min(options.chunk_bytes, packed_size),
+            "chunks": packed_chunks,
+        }
+    return {
+        "format": layout.FORMAT,
+        "version": layout.VERSION,
+        "step": step,
+        "kind": kind,
+        "base_step": base_step,
+        "hash": hashing.ALGORITHM,
+        "compression": options.compression,
+        "metrics": metrics,
+        "metadata": metadata,
+        "bytes_written": sum(f["bytes_written"] for f in fragments),
+        "bytes_total": sum(manifest_lib.leaf_nbytes(e) for e in entries),
+        "packed": packed,
+        "leaves": leaves,
+    }
+
+
+def _resolve_base(root: layout.Root, kind: str, base: int | None) -> dict[str, Any] | None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "full":
+        if base is not None:
+            raise ValueError("base= is only meaningful with kind='incremental'")
+        return None
+    if base is None:
+        steps = root.committed_steps()
+        return root.read_manifest(steps[-1]) if steps else None
+    return root.read_manifest(base)
+
+
+def save_snapshot(
+    directory: str | os.PathLike,
+    snap: Snapshot,
+    *,
+    step: int,
+    metrics: dict | None = None,
+    metadata: dict | None = None,
+    kind: str = "full",
+    base: int | None = None,
+    options: SaveOptions | None = None,
+    created: float | None = None,
+) -> manifest_lib.CheckpointInfo:
+    """Writes a snapshot as committed step ``step``.  Safe to call from a background thread.
+
+    See :func:`save` for the arguments.  ``created`` overrides the commit time
+    recorded in the manifest (the manager passes its injected clock).
+    """
+    started = time.perf_counter()
+    options = options or SaveOptions()
+    metrics = manifest_lib.to_json(metrics, "metrics")
+    metadata = manifest_lib.to_json(metadata, "metadata")
+    step = int(step)
+    root = layout.Root(directory)
+    root.ensure()
+    if step in root.committed_steps():
+        raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
+    base_manifest = _resolve_base(root, kind, base)
+    gc.remove_uncommitted(root)
+    entries, packed_size = plan(snap, options)
+    data_dir = layout.new_data_dir(step)
+    try:
+        fragment = write_fragment(root, data_dir, snap, entries, packed_size, options, base_manifest)
+        manifest = assemble(
+            entries, packed_size, [fragment], step=step,
+            kind="incremental" if base_manifest is not None else "full", options=options,
+            metrics=metrics, metadata=metadata,
+            base_step=base_manifest["step"] if base_manifest is not None else None,
+        )
+        manifest["created"] = time.time() if created is None else created
+        manifest["save_seconds"] = time.perf_counter() - started
+        root.write(layout.manifest_key(step), manifest_lib.encode(manifest))
+    except BaseException:
+        gc.discard(root, data_dir)
+        raise
+    return manifest_lib.info_of(manifest)
+
+
+def save(
+    directory: str | os.PathLike,
+    state: Any,
+    *,
+    step: int,
+    metrics: dict | None = None,
+    metadata: dict | None = None,
+    kind: str = "full",
+    base: int | None = None,
+    options: SaveOptions | None = None,
+) -> manifest_lib.CheckpointInfo:
+    """Saves a pytree as committed step ``step`` of the checkpoint root ``directory``.
+
+    The step becomes visible only once everything is durable: data first, the
+    manifest last (atomically).  A failed save leaves no trace but an
+    invisible data directory that the next save removes.
+
+    Args:
+      directory: checkpoint root (created if missing; must be empty or a jckpt root).
+      state: pytree of jax arrays (sharded or not), numpy arrays, Python scalars, None.
+      step: the step number (>= 0); must not be committed already.
+      metrics: JSON-serialisable dict stored in the manifest (used by policies).
+      metadata: JSON-serialisable user data stored in the manifest.
+      kind: "full", or "incremental" to write only chunks that differ from
+        ``base`` (default: the latest committed step).  Without a base the
+        save is full, and ``info().kind`` says so.
+      base: the step an incremental save compares against.
+      options: chunk size, compression, in-flight bound (SaveOptions).
+
+    Returns:
+      The CheckpointInfo of the committed step.
+
+    Raises:
+      StepExistsError: ``step`` is already committed (it is left untouched).
+      NotACheckpointRootError: ``directory`` is non-empty and not a jckpt root.
+      UnsupportedLeafError: a leaf cannot be saved (names its key path).
+      TypeError: metrics or metadata are not JSON-serialisable.
+      OSError: writing failed (e.g. disk full); nothing becomes visible.
+
+    Example:
+      >>> info = save("/tmp/ckpt", {"w": np.ones(3)}, step=0)  # doctest: +SKIP
+    """
+    return save_snapshot(
+        directory, snapshot(state, copy=False), step=step, metrics=metrics, metadata=metadata,
+        kind=kind, base=base, options=options,
+    )
