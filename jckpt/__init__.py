@@ -13,12 +13,12 @@ from jckpt.errors import TreeMismatchError
 from jckpt.errors import UnsupportedFormatError
 from jckpt.errors import UnsupportedLeafError
 from jckpt.manifest import CheckpointInfo
-from jckpt.restore import restore
-from jckpt.save import SaveOptions
-from jckpt.save import save
-from jckpt.save import save_snapshot
-from jckpt.snapshot import Snapshot
-from jckpt.snapshot import snapshot
+from jckpt.restoring import restore
+from jckpt.saving import SaveOptions
+from jckpt.saving import save
+from jckpt.saving import save_snapshot
+from jckpt.snapshots import Snapshot
+from jckpt.snapshots import snapshot
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import os
 
 from jckpt import gc, layout
 from jckpt import manifest as manifest_lib
-from jckpt import restore as restore_lib
+from jckpt import restoring as restore_lib
 from jckpt.errors import CheckpointNotFoundError
 
 

@@ -31,23 +31,11 @@ def _data_dirs_on_disk(root: layout.Root) -> set[str]:
     return found
 
 
-def _remove_empty_step_dirs(root: layout.Root) -> None:
-    path = storage.local_path(root.spec)
-    if path is None or not os.path.isdir(path):
-        return
-    for entry in os.scandir(path):
-        if entry.is_dir() and layout.parse_step_dir(entry.name) is not None:
-            try:
-                os.rmdir(entry.path)  # only succeeds when empty
-            except OSError:
-                pass
-
-
 def discard(root: layout.Root, data_dir: str) -> None:
     """Best-effort removal of a failed save's data directory."""
     try:
-        root.delete_prefix(data_dir + "/")
-        _remove_empty_step_dirs(root)
+        root.remove_tree(data_dir + "/")
+        storage.prune_empty_dirs(root.spec, data_dir)
     except Exception:  # the next save's remove_uncommitted retries
         pass
 
@@ -74,8 +62,8 @@ def remove_uncommitted(root: layout.Root) -> list[str]:
     referenced = set().union(set(), *(manifest_lib.data_dirs(m) for m in _manifests(root)))
     removed = sorted(candidates - referenced)
     for data_dir in removed:
-        root.delete_prefix(data_dir + "/")
-    _remove_empty_step_dirs(root)
+        root.remove_tree(data_dir + "/")
+        storage.prune_empty_dirs(root.spec, data_dir)
     return removed
 
 
@@ -89,7 +77,8 @@ def collect(root: layout.Root) -> int:
     referenced = set().union(set(), *(manifest_lib.referenced_keys(m) for m in manifests))
     garbage = [k for k in root.list("step_") if k not in referenced]
     root.delete(*garbage)
-    _remove_empty_step_dirs(root)
+    for data_dir in {"/".join(key.split("/")[:2]) for key in garbage}:
+        storage.prune_empty_dirs(root.spec, data_dir)
     return len(garbage)
 
 

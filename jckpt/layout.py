@@ -81,8 +81,9 @@ class Root:
         for future in futures:
             future.result()
 
-    def delete_prefix(self, prefix: str) -> None:
-        self.kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).result()
+    def remove_tree(self, prefix: str) -> None:
+        """Deletes the directory ``prefix`` (ending in "/") and everything under it."""
+        storage.remove_tree(self.spec, self.kv, prefix)
 
     def list(self, prefix: str = "") -> list[str]:
         if prefix:

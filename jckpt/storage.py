@@ -8,6 +8,8 @@ here, so a new backend (``s3://``, ``gs://``) is a new branch in
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,3 +104,46 @@ def chunk_key(chunk_index: Sequence[int]) -> str:
 
 def open_kvstore(spec: dict[str, Any], ctx: ts.Context | None = None) -> ts.KvStore:
     return ts.KvStore.open(spec, context=ctx).result()
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def as_os_error(error: BaseException) -> BaseException:
+    """Tensorstore reports I/O failures as ValueError; give those back as OSError (same errno)."""
+    match = _OS_ERROR_CODE.search(str(error)) if isinstance(error, ValueError) else None
+    if match is None:
+        return error
+    errno = int(match.group(1))
+    return OSError(errno, f"{os.strerror(errno)}: {error}")
+
+
+def prune_empty_dirs(spec: dict[str, Any], prefix: str) -> None:
+    """Removes empty directories at and below ``prefix``, then its empty parents.
+
+    Local roots only (object stores have no directories).
+    """
+    path = local_path(spec)
+    if path is None:
+        return
+    top = os.path.join(path, prefix.strip("/"))
+    dirs = [current for current, _, _ in os.walk(top)][::-1]  # children before parents
+    parent = os.path.dirname(top)
+    while os.path.normpath(parent) != os.path.normpath(path) and parent.startswith(path):
+        dirs.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in dirs:
+        try:
+            os.rmdir(directory)  # fails (harmlessly) unless empty
+        except OSError:
+            pass
+
+
+def remove_tree(spec: dict[str, Any], kv: ts.KvStore, prefix: str) -> None:
+    """Deletes every key under ``prefix`` (a directory), and the directory itself when local."""
+    path = local_path(spec)
+    if path is not None:
+        shutil.rmtree(os.path.join(path, prefix), ignore_errors=True)
+        return
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    kv.delete_range(ts.KvStore.KeyRange(prefix, end)).result()

@@ -14,7 +14,7 @@ import xxhash
 from jckpt import chunking, gc, hashing, layout, storage
 from jckpt import manifest as manifest_lib
 from jckpt.errors import StepExistsError
-from jckpt.snapshot import LeafSnapshot, Snapshot, snapshot
+from jckpt.snapshots import LeafSnapshot, Snapshot, snapshot
 
 KINDS = ("full", "incremental")
 PACK_ALIGN = 64
@@ -290,9 +290,12 @@ def save_snapshot(
         manifest["created"] = time.time() if created is None else created
         manifest["save_seconds"] = time.perf_counter() - started
         root.write(layout.manifest_key(step), manifest_lib.encode(manifest))
-    except BaseException:
+    except BaseException as e:
         gc.discard(root, data_dir)
-        raise
+        error = storage.as_os_error(e)
+        if error is e:
+            raise
+        raise error from e
     return manifest_lib.info_of(manifest)
 
 

@@ -12,6 +12,7 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from jckpt import chunking, tree
@@ -45,7 +46,7 @@ class LeafSnapshot(NamedTuple):
     steps: tuple[int, ...]  # chunk-grid strides imposed by the sharding
     shards: list[Shard]  # replica-0 shards held by this process (may be empty)
     packable: bool  # small and held whole by this process
-    extra: dict  # prng_impl, py_type
+    extra: dict  # prng_impl, py_type, numpy_scalar
 
 
 class Snapshot(NamedTuple):
@@ -71,7 +72,7 @@ def _to_stored(host: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _numpy_leaf(path, parts, value, origin, copy, extra) -> LeafSnapshot:
     array = np.array(value, copy=True) if copy else np.asarray(value)
-    if array.dtype == object or array.dtype.kind in "USV":
+    if not (array.dtype.kind in "biufc" or hasattr(ml_dtypes, array.dtype.name)):
         raise UnsupportedLeafError(
             f"leaf {path!r}: arrays of dtype {array.dtype} cannot be checkpointed"
         )
@@ -151,7 +152,8 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
         elif isinstance(leaf, jax.Array):
             leaves.append(_jax_leaf(path, parts, leaf, copy))
         elif isinstance(leaf, (np.ndarray, np.generic)):
-            leaves.append(_numpy_leaf(path, parts, leaf, "numpy", copy, {}))
+            extra = {"numpy_scalar": True} if isinstance(leaf, np.generic) else {}
+            leaves.append(_numpy_leaf(path, parts, leaf, "numpy", copy, extra))
         elif isinstance(leaf, (bool, int, float, complex)):
             leaves.append(_python_scalar(path, parts, leaf))
         else:

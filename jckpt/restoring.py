@@ -25,6 +25,7 @@ class Target(NamedTuple):
     sharding: jax.sharding.Sharding | None  # jax targets; None: default device
     py_type: type | None = None
     key: bool = False  # a typed PRNG key
+    scalar: bool = False  # a numpy scalar (np.generic) rather than an array
 
 
 def _target_of(like_leaf: Any) -> Target:
@@ -33,7 +34,7 @@ def _target_of(like_leaf: Any) -> Target:
     if isinstance(like_leaf, (bool, int, float, complex)):
         return Target("python", None, None, type(like_leaf))
     if isinstance(like_leaf, (np.ndarray, np.generic)):
-        return Target("numpy", np.dtype(like_leaf.dtype), None)
+        return Target("numpy", np.dtype(like_leaf.dtype), None, scalar=isinstance(like_leaf, np.generic))
     if isinstance(like_leaf, (jax.Array, jax.ShapeDtypeStruct)):
         sharding = getattr(like_leaf, "sharding", None)
         if jax.dtypes.issubdtype(like_leaf.dtype, jax.dtypes.prng_key):
@@ -48,7 +49,7 @@ def _target_of(like_leaf: Any) -> Target:
 def _default_target(leaf: dict[str, Any]) -> Target:
     kind = leaf["origin"]
     py_type = {"int": int, "float": float, "bool": bool, "complex": complex}.get(leaf.get("py_type"))
-    return Target(kind, None, None, py_type, key="prng_impl" in leaf)
+    return Target(kind, None, None, py_type, key="prng_impl" in leaf, scalar=bool(leaf.get("numpy_scalar")))
 
 
 def _check_shape(leaf: dict[str, Any], like_leaf: Any, problems: list[str]) -> None:
@@ -236,7 +237,7 @@ def _finish(plan: _LeafPlan) -> Any:
         value = host(whole).item()
         return target.py_type(value) if target.py_type else value
     if target.kind == "numpy":
-        return host(whole)
+        return host(whole)[()] if target.scalar else host(whole)
     if target.key:
         keys = jax.random.wrap_key_data(host(whole), impl=plan.leaf["prng_impl"])
         return keys if target.sharding is None else jax.device_put(keys, target.sharding)
