@@ -65,9 +65,7 @@ def chunk_shape(
 
 def chunk_ids_in(region: Region, chunk: Sequence[int]) -> Iterator[tuple[int, ...]]:
     """Indices of the chunks that overlap ``region`` (a tuple of slices with ints)."""
-    ranges = [
-        range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunk)
-    ]
+    ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunk)]
     return itertools.product(*ranges)
 
 

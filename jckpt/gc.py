@@ -54,9 +54,7 @@ def remove_uncommitted(root: layout.Root) -> list[str]:
     for data_dir in _data_dirs_on_disk(root):
         by_step.setdefault(data_dir.split("/")[0], []).append(data_dir)
     committed = {layout.step_dir(s) for s in root.committed_steps()}
-    candidates = {
-        d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs
-    }
+    candidates = {d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs}
     if not candidates:
         return []
     referenced = set().union(set(), *(manifest_lib.data_dirs(m) for m in _manifests(root)))

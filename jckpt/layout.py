@@ -134,7 +134,9 @@ class Root:
             if not os.path.isdir(path):
                 return []
             steps = (parse_step_dir(e.name) for e in os.scandir(path) if e.is_dir())
-            return sorted(s for s in steps if s is not None and os.path.exists(os.path.join(path, manifest_key(s))))
+            return sorted(
+                s for s in steps if s is not None and os.path.exists(os.path.join(path, manifest_key(s)))
+            )
         steps = set()
         for key in self.list("step_"):
             head, _, tail = key.partition("/")

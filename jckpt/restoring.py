@@ -221,7 +221,9 @@ class Reader:
         self.read_chunks(manifest_lib.PACKED_ARRAY, "(packed small leaves)", reads, place)
         for p in plans:
             offset, nbytes = p.leaf["packed"]
-            p.buffers[tuple((0, n) for n in p.shape)] = blob[offset : offset + nbytes].view(p.stored).reshape(p.shape)
+            p.buffers[tuple((0, n) for n in p.shape)] = (
+                blob[offset : offset + nbytes].view(p.stored).reshape(p.shape)
+            )
 
 
 def _finish(plan: _LeafPlan) -> Any:

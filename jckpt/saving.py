@@ -183,9 +183,7 @@ def write_fragment(
             ((i,), (slice(i * chunk, min((i + 1) * chunk, packed_size)),), blob[i * chunk : (i + 1) * chunk])
             for i in range(-(-packed_size // chunk))
         )
-        packed = writer.add_array(
-            manifest_lib.PACKED_ARRAY, [packed_size], "uint8", [chunk], pieces, chunk
-        )
+        packed = writer.add_array(manifest_lib.PACKED_ARRAY, [packed_size], "uint8", [chunk], pieces, chunk)
     writer.flush()
     return {"chunks": chunks, "packed": packed, "bytes_written": writer.bytes_written}
 
@@ -208,8 +206,7 @@ def assemble(
         for path, table in fragment["chunks"].items():
             merged.setdefault(path, {}).update(table)
     leaves = [
-        {**entry, "chunks": merged.get(entry["path"], {})} if "array" in entry else entry
-        for entry in entries
+        {**entry, "chunks": merged.get(entry["path"], {})} if "array" in entry else entry for entry in entries
     ]
     packed_chunks = next((f["packed"] for f in fragments if f["packed"] is not None), None)
     packed = None
@@ -282,9 +279,14 @@ def save_snapshot(
     try:
         fragment = write_fragment(root, data_dir, snap, entries, packed_size, options, base_manifest)
         manifest = assemble(
-            entries, packed_size, [fragment], step=step,
-            kind="incremental" if base_manifest is not None else "full", options=options,
-            metrics=metrics, metadata=metadata,
+            entries,
+            packed_size,
+            [fragment],
+            step=step,
+            kind="incremental" if base_manifest is not None else "full",
+            options=options,
+            metrics=metrics,
+            metadata=metadata,
             base_step=base_manifest["step"] if base_manifest is not None else None,
         )
         manifest["created"] = time.time() if created is None else created
@@ -342,6 +344,12 @@ def save(
       >>> info = save("/tmp/ckpt", {"w": np.ones(3)}, step=0)  # doctest: +SKIP
     """
     return save_snapshot(
-        directory, snapshot(state, copy=False), step=step, metrics=metrics, metadata=metadata,
-        kind=kind, base=base, options=options,
+        directory,
+        snapshot(state, copy=False),
+        step=step,
+        metrics=metrics,
+        metadata=metadata,
+        kind=kind,
+        base=base,
+        options=options,
     )

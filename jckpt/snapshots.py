@@ -73,14 +73,20 @@ def _to_stored(host: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _numpy_leaf(path, parts, value, origin, copy, extra) -> LeafSnapshot:
     array = np.array(value, copy=True) if copy else np.asarray(value)
     if not (array.dtype.kind in "biufc" or hasattr(ml_dtypes, array.dtype.name)):
-        raise UnsupportedLeafError(
-            f"leaf {path!r}: arrays of dtype {array.dtype} cannot be checkpointed"
-        )
+        raise UnsupportedLeafError(f"leaf {path!r}: arrays of dtype {array.dtype} cannot be checkpointed")
     stored = _to_stored(array, array.dtype)
     full = tuple(slice(0, n) for n in array.shape)
     return LeafSnapshot(
-        path, parts, origin, array.dtype.name, stored.dtype.name, array.shape, array.shape,
-        [Shard(full, stored)], array.nbytes <= PACK_LIMIT_BYTES, extra,
+        path,
+        parts,
+        origin,
+        array.dtype.name,
+        stored.dtype.name,
+        array.shape,
+        array.shape,
+        [Shard(full, stored)],
+        array.nbytes <= PACK_LIMIT_BYTES,
+        extra,
     )
 
 
@@ -119,8 +125,16 @@ def _jax_leaf(path, parts, array: jax.Array, copy: bool) -> LeafSnapshot:
                 host = host.copy()  # on CPU np.asarray aliases the device buffer
             shards.append(Shard(chunking.normalize(s.index, shape), _to_stored(host, dtype)))
     return LeafSnapshot(
-        path, parts, "jax", dtype.name, stored_dtype(dtype).name, shape, steps, shards,
-        whole and small, extra,
+        path,
+        parts,
+        "jax",
+        dtype.name,
+        stored_dtype(dtype).name,
+        shape,
+        steps,
+        shards,
+        whole and small,
+        extra,
     )
 
 

@@ -16,7 +16,9 @@ def assert_trees_equal(actual, expected):
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
         assert type(a) is type(e) or (isinstance(a, jax.Array) and isinstance(e, jax.Array)), (
-            type(a), type(e))
+            type(a),
+            type(e),
+        )
         a, e = host(a), host(e)
         assert a.dtype == e.dtype, (a.dtype, e.dtype)
         assert a.shape == e.shape

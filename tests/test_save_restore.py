@@ -11,9 +11,26 @@ from helpers import assert_trees_equal
 import jckpt
 
 DTYPES = [
-    "float32", "float16", "bfloat16", "float64", "complex64", "bool",
-    "int4", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "complex64",
+    "bool",
+    "int4",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
     "uint4",  # not a zarr3 type: stored as a uint8 view
 ]
 
@@ -63,29 +80,37 @@ def test_python_scalars_none_and_containers(tmp_path):
 
 
 def test_prng_keys_typed_and_raw(tmp_path):
-    state = {"typed": jax.random.key(42), "many": jax.random.split(jax.random.key(1), 4),
-             "raw": jax.random.PRNGKey(3)}
+    state = {
+        "typed": jax.random.key(42),
+        "many": jax.random.split(jax.random.key(1), 4),
+        "raw": jax.random.PRNGKey(3),
+    }
     jckpt.save(tmp_path, state, step=0)
     restored = jckpt.restore(tmp_path, like=state)
     assert_trees_equal(restored, state)
     assert jax.dtypes.issubdtype(restored["typed"].dtype, jax.dtypes.prng_key)
     # the restored key produces the same random numbers
-    np.testing.assert_array_equal(jax.random.normal(restored["typed"], (3,)),
-                                  jax.random.normal(state["typed"], (3,)))
+    np.testing.assert_array_equal(
+        jax.random.normal(restored["typed"], (3,)), jax.random.normal(state["typed"], (3,))
+    )
     assert jax.dtypes.issubdtype(jckpt.restore(tmp_path)["typed"].dtype, jax.dtypes.prng_key)
 
 
 def _params():
     k1, k2 = jax.random.split(jax.random.key(0))
-    return {"dense": {"kernel": jax.random.normal(k1, (16, 8)), "bias": jnp.zeros(8)},
-            "out": {"kernel": jax.random.normal(k2, (8, 2))}}
+    return {
+        "dense": {"kernel": jax.random.normal(k1, (16, 8)), "bias": jnp.zeros(8)},
+        "out": {"kernel": jax.random.normal(k2, (8, 2))},
+    }
 
 
 def test_optax_state_keeps_namedtuple_classes(tmp_path):
     params = _params()
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3),
-                     optax.masked(optax.sgd(0.1), {"dense": {"kernel": True, "bias": False},
-                                                   "out": {"kernel": True}}))
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(1e-3),
+        optax.masked(optax.sgd(0.1), {"dense": {"kernel": True, "bias": False}, "out": {"kernel": True}}),
+    )
     opt_state = tx.init(params)
     _, opt_state = tx.update(params, opt_state, params), opt_state
     state = {"params": params, "opt_state": opt_state, "step": 3}
@@ -136,6 +161,7 @@ def test_like_subset_reads_only_what_is_asked(tmp_path):
     # remove the optimizer's data files: restoring params must not touch them
     manifest = jckpt.layout.Root(tmp_path).read_manifest(0)
     import shutil
+
     for leaf in manifest["leaves"]:
         if leaf["path"].startswith("opt/"):
             source = next(iter(leaf["chunks"].values()))[1]

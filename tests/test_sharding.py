@@ -21,8 +21,9 @@ def _state():
         "sharded": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
         "rows": jax.device_put(w * 2, NamedSharding(mesh, P("x", None))),
         "replicated": jax.device_put(jnp.arange(1000.0), NamedSharding(mesh, P())),
-        "uneven": jax.device_put(jnp.arange(10 * 3, dtype=jnp.int32).reshape(10, 3),
-                                 NamedSharding(mesh, P("y", None))),
+        "uneven": jax.device_put(
+            jnp.arange(10 * 3, dtype=jnp.int32).reshape(10, 3), NamedSharding(mesh, P("y", None))
+        ),
     }
 
 
@@ -69,8 +70,11 @@ def test_restore_into_other_shardings(tmp_path, target):
     state = _state()
     jckpt.save(tmp_path, state, step=0, options=jckpt.SaveOptions(chunk_bytes=256))
     sharding = target()
-    like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in state.items()
-            if isinstance(sharding, SingleDeviceSharding) or (v.ndim == 2 and v.shape[0] % 4 == 0)}
+    like = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+        for k, v in state.items()
+        if isinstance(sharding, SingleDeviceSharding) or (v.ndim == 2 and v.shape[0] % 4 == 0)
+    }
     assert len(like) >= 2
     restored = jckpt.restore(tmp_path, like=like)
     for key, value in restored.items():
