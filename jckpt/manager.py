@@ -1,0 +1,484 @@
+"""CheckpointManager: the stateful shell around the pure core and the policies.
+
+The manager owns what the pure parts must not: the clock, a background thread,
+the set of committed checkpoints, signal handlers. Each ``maybe_save`` asks the
+policy (``jckpt.policy``) whether to save and which kind; a save blocks only
+for the device-to-host snapshot (``jckpt.snapshot``), then hashes, writes and
+commits in the background (``jckpt.save_snapshot``); after the commit the
+policy's retention rules decide what to delete (``jckpt.delete``).
+
+Example::
+
+    with jckpt.CheckpointManager("/tmp/run", policy=P.combine(
+            P.every_n_steps(100), P.keep_last(3))) as mngr:
+        state, step = mngr.restore_or_init(init_state)
+        for step in range(0 if step is None else step + 1, num_steps):
+            state = train_step(state)
+            mngr.maybe_save(step, state, metrics={"loss": loss})
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+import jckpt
+from jckpt import policy as P
+
+__all__ = ["CheckpointManager", "CheckpointSaveError"]
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background save (or the retention after it) failed.
+
+    Raised by the next ``maybe_save``/``save``/``wait``/``close`` of the manager;
+    the original exception is the ``__cause__``. A failed save never becomes a
+    visible step.
+
+    Attributes:
+      step: the step whose save failed.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _plain(value: Any) -> Any:
+    """A metric value as a Python scalar where it is a 0-d array (jax or numpy)."""
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
+
+
+class CheckpointManager:
+    """Saves a train loop's state by a policy, asynchronously, and resumes it.
+
+    Args:
+      directory: the checkpoint root (created on the first save). Checkpoints
+        already there are picked up: ``latest_step``, ``restore``, retention and
+        the policy state continue where the previous run stopped.
+      policy: a ``jckpt.policy.Policy``. Default: ``policy.combine()``, which
+        saves at every ``maybe_save`` and keeps everything.
+      async_save: write in a background thread (``maybe_save`` blocks only for
+        the device-to-host copy). At most one save is in flight; the next one
+        waits for it, so host memory holds at most one snapshot.
+      clock: the time source (seconds) for policy decisions and recorded save
+        times; inject a fake one in tests.
+      handle_preemption: install handlers for SIGTERM and SIGINT (or for the
+        given signals) that make the next ``maybe_save`` save regardless of the
+        policy, after which ``should_stop()`` is True. A second SIGINT
+        interrupts as usual. Must be created in the main thread.
+      options: ``jckpt.SaveOptions`` for every save.
+
+    Raises:
+      ValueError: ``handle_preemption`` outside the main thread.
+
+    Example::
+
+        mngr = CheckpointManager("/tmp/run", policy=P.every_n_steps(10))
+        for step in range(100):
+            state = train_step(state)
+            mngr.maybe_save(step, state)
+        mngr.close()
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        policy: P.Policy | None = None,
+        async_save: bool = True,
+        clock: Callable[[], float] = time.time,
+        *,
+        handle_preemption: bool | Sequence[int] = False,
+        options: Any = None,
+    ):
+        if policy is not None and not isinstance(policy, P.Policy):
+            raise TypeError(f"policy must be a jckpt.policy.Policy, got {type(policy).__name__}")
+        self._directory = directory
+        self._policy = policy if policy is not None else P.combine()
+        self._async = bool(async_save)
+        self._clock = clock
+        self._options = options
+        self._lock = threading.Lock()
+        self._history = [jckpt.info(directory, s) for s in jckpt.all_steps(directory)]
+        self._state = P.resume(self._policy, self._history)
+        self._pinned: Counter[int] = Counter()
+        self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self._error: tuple[int, BaseException, str] | None = None
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jckpt-save") if self._async else None
+        )
+        self._preempted = False
+        self._stop = False
+        self._closed = False
+        self._handlers: dict[int, Any] = {}
+        self._handler: Callable | None = None
+        if handle_preemption:
+            sigs = (signal.SIGTERM, signal.SIGINT) if handle_preemption is True else tuple(handle_preemption)
+            self._install_handlers(sigs)
+
+    # ------------------------------------------------------------------ saving
+
+    def maybe_save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Saves ``state`` as ``step`` if the policy says so (or a preemption was signalled).
+
+        Blocks only to copy the state to host memory (and, with a save still in
+        flight, to wait for it); the caller may mutate or donate its buffers as
+        soon as this returns. A step that is already saved is not saved again.
+
+        Args:
+          step: the training step.
+          state: the pytree to save.
+          metrics: this step's metrics (JSON scalars or 0-d arrays), stored with
+            the checkpoint and seen by the policy.
+          metadata: JSON-serialisable user data stored with the checkpoint.
+
+        Returns:
+          True when a save started.
+
+        Raises:
+          CheckpointSaveError: an earlier background save failed.
+          jckpt.UnsupportedLeafError: a leaf cannot be saved (nothing is saved).
+
+        Example::
+
+            if mngr.maybe_save(step, state, metrics={"loss": float(loss)}):
+                print("saving", step)
+        """
+        self._check_open()
+        self._surface_finished()
+        step = int(step)
+        preempted = self._preempted
+        if self._is_taken(step):
+            self._stop = self._stop or preempted
+            self._preempted = False
+            return False
+        event = P.Event(step, float(self._clock()), metrics, preempted)
+        decision = P.decide(self._policy, self._state, event)
+        if not (decision.save or preempted):
+            return False
+        self._save(event, state, decision.kind, metadata)
+        if preempted:
+            self._preempted = False
+            self._stop = True
+        return True
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Saves ``state`` as ``step`` now, whatever the policy says (the kind is the policy's).
+
+        Args:
+          step: the step number.
+          state: the pytree to save.
+          metrics: metrics to store with it.
+          metadata: JSON-serialisable user data to store with it.
+
+        Raises:
+          jckpt.StepExistsError: the step is saved or being saved.
+          CheckpointSaveError: an earlier background save failed.
+
+        Example::
+
+            mngr.save(final_step, state)
+            mngr.wait()
+        """
+        self._check_open()
+        self._surface_finished()
+        step = int(step)
+        if self._is_taken(step):
+            raise jckpt.StepExistsError(f"step {step} is already saved in {self._directory!r}")
+        preempted = self._preempted
+        event = P.Event(step, float(self._clock()), metrics, preempted)
+        self._save(event, state, P.decide(self._policy, self._state, event).kind, metadata)
+        if preempted:
+            self._preempted = False
+            self._stop = True
+
+    def _save(self, event: P.Event, state: Any, kind: str, metadata: Mapping[str, Any] | None) -> None:
+        if metadata and P.META_KEY in metadata:
+            raise ValueError(f"metadata key {P.META_KEY!r} is reserved for the manager")
+        started = self._clock()
+        self._collect(raise_error=True)  # back-pressure: one save in flight
+        snap = jckpt.snapshot(state, copy=True)
+        blocking = max(0.0, float(self._clock()) - float(started))
+        if kind == "incremental" and not self._history:
+            kind = "full"  # nothing to be incremental against; the store would write full
+        metrics = {k: _plain(v) for k, v in event.metrics.items()} if event.metrics else None
+        meta = dict(metadata or {})
+        meta.update(P.save_metadata(self._state, event, blocking_seconds=blocking, async_save=self._async))
+        args = (event.step, snap, metrics, meta, kind, event.now)
+        if self._executor is None:
+            info = self._write(*args)
+            self._state = self._policy.update(self._state, info)
+            self._retain()
+            return
+        record = P.Saved(event.step, kind, metrics, meta, event.now, 0.0)
+        future = self._executor.submit(self._write_and_retain, *args)
+        self._pending = (event.step, future)
+        self._state = self._policy.update(self._state, record)
+
+    def _write(self, step, snap, metrics, meta, kind, now) -> Any:
+        info = jckpt.save_snapshot(
+            self._directory,
+            snap,
+            step=step,
+            metrics=metrics,
+            metadata=meta,
+            kind=kind,
+            options=self._options,
+            created=now,
+        )
+        with self._lock:
+            self._history.append(info)
+            self._history.sort(key=lambda i: i.step)
+        return info
+
+    def _write_and_retain(self, *args) -> Any:
+        info = self._write(*args)  # an exception here fails the save
+        try:
+            self._retain()
+        except Exception as e:  # the save is committed; report the deletion problem
+            with self._lock:
+                self._error = (info.step, e, "deleting old checkpoints after the save of")
+        return info
+
+    def _retain(self) -> None:
+        """Deletes what the policy does not keep; never a pinned step or the last one."""
+        with self._lock:
+            if not self._history:
+                return
+            keep = set(P.retain(self._policy, self._state, self._history))
+            keep |= set(self._pinned)
+            if not keep & {i.step for i in self._history}:
+                keep.add(self._history[-1].step)  # never delete the only restorable one
+            doomed = [i.step for i in self._history if i.step not in keep]
+            self._history = [i for i in self._history if i.step in keep]
+        for step in doomed:
+            jckpt.delete(self._directory, step)
+
+    # -------------------------------------------------------- waiting, errors
+
+    def _is_taken(self, step: int) -> bool:
+        with self._lock:
+            committed = any(i.step == step for i in self._history)
+        return committed or (self._pending is not None and self._pending[0] == step)
+
+    def _surface_finished(self) -> None:
+        """Raises the error of a finished background save, without waiting for one."""
+        finished = self._pending is not None and self._pending[1].done()
+        self._collect(raise_error=True, wait=finished)
+
+    def _collect(self, raise_error: bool, wait: bool = True) -> None:
+        """Waits for the save in flight (if ``wait``); raises (or keeps) the first error."""
+        if wait and self._pending is not None:
+            step, future = self._pending
+            try:
+                future.result()
+            except Exception as e:
+                with self._lock:
+                    self._error = (step, e, "background save of")
+                    # The failed save never happened: rewind the policy to the disk.
+                    self._state = P.resume(self._policy, self._history)
+            finally:
+                self._pending = None
+        if raise_error and self._error is not None:
+            with self._lock:
+                step, cause, what = self._error
+                self._error = None
+            raise CheckpointSaveError(
+                f"{what} step {step} in {self._directory!r} failed: {type(cause).__name__}: {cause}",
+                step,
+            ) from cause
+
+    def wait(self) -> None:
+        """Blocks until the save in flight is committed (and its retention done).
+
+        Raises:
+          CheckpointSaveError: it (or an earlier one) failed.
+
+        Example::
+
+            mngr.save(step, state); mngr.wait(); assert mngr.latest_step() == step
+        """
+        self._collect(raise_error=True)
+
+    def close(self) -> None:
+        """Waits for the save in flight, stops the thread, removes signal handlers.
+
+        Idempotent. Raises the error of a failed background save after cleaning up.
+
+        Raises:
+          CheckpointSaveError: the save in flight (or an earlier one) failed.
+
+        Example::
+
+            mngr.close()
+        """
+        if self._closed:
+            return
+        try:
+            self._collect(raise_error=True)
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self._uninstall_handlers()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"CheckpointManager for {self._directory!r} is closed")
+
+    # -------------------------------------------------------------- restoring
+
+    def restore(self, like: Any = None, step: int | None = None) -> Any:
+        """Restores a committed step (default: the latest).
+
+        Waits for a save in flight first (its error, if any, is raised by the
+        next save/wait/close). The step is protected from retention while it is
+        read. The policy state is not changed: it is the one of the newest
+        checkpoint (a fresh manager starts from it), also after restoring an
+        older step.
+
+        Args:
+          like: see ``jckpt.restore`` (structure, dtypes, shardings, subset).
+          step: the step; None for the latest.
+
+        Returns:
+          The restored pytree.
+
+        Raises:
+          jckpt.CheckpointNotFoundError: nothing (or not that step) is saved.
+
+        Example::
+
+            state = mngr.restore(like=jax.eval_shape(init_state))
+        """
+        self._collect(raise_error=False)
+        with self._lock:
+            if step is None:
+                if not self._history:
+                    raise jckpt.CheckpointNotFoundError(f"no committed checkpoint in {self._directory!r}")
+                step = self._history[-1].step
+            step = int(step)
+            self._pinned[step] += 1
+        try:
+            restored = jckpt.restore(self._directory, like, step=step)
+        finally:
+            with self._lock:
+                self._pinned[step] -= 1
+                if self._pinned[step] <= 0:
+                    del self._pinned[step]
+        return restored
+
+    def restore_or_init(self, init: Callable[[], Any], like: Any = None) -> tuple[Any, int | None]:
+        """Restores the latest checkpoint, or calls ``init()`` when there is none.
+
+        Args:
+          init: builds a fresh state; also gives the structure to restore into
+            (``jax.eval_shape(init)``, so it is not run when restoring).
+          like: the structure to restore into instead of ``jax.eval_shape(init)``
+            (needed when ``init`` cannot be traced).
+
+        Returns:
+          ``(state, step)``: ``step`` is the restored step, or None after ``init()``.
+
+        Example::
+
+            state, step = mngr.restore_or_init(lambda: create_state(rng))
+            start = 0 if step is None else step + 1
+        """
+        self._collect(raise_error=False)
+        step = self.latest_step()
+        if step is None:
+            return init(), None
+        return self.restore(like=jax.eval_shape(init) if like is None else like, step=step), step
+
+    # ------------------------------------------------------------- inspection
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None (a save in flight is not counted)."""
+        with self._lock:
+            return self._history[-1].step if self._history else None
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending (a save in flight is not counted)."""
+        with self._lock:
+            return [i.step for i in self._history]
+
+    def best_step(self) -> int | None:
+        """The best committed step by the policy's metric (``keep_best``/``best_only``), or None."""
+        with self._lock:
+            return P.best_step(self._policy, self._state, list(self._history))
+
+    @property
+    def directory(self) -> str | os.PathLike:
+        """The checkpoint root."""
+        return self._directory
+
+    # ------------------------------------------------------------- preemption
+
+    def notify_preemption(self) -> None:
+        """Makes the next ``maybe_save`` save regardless of the policy, then stop.
+
+        The signal handlers call this; call it yourself for other preemption
+        notices (e.g. a cloud metadata server).
+
+        Example::
+
+            mngr.notify_preemption(); mngr.maybe_save(step, state); assert mngr.should_stop()
+        """
+        self._preempted = True
+
+    def should_stop(self) -> bool:
+        """True once a preemption was signalled and the state has been saved for it."""
+        return self._stop
+
+    def _install_handlers(self, sigs: Sequence[int]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("handle_preemption needs the manager to be created in the main thread")
+
+        def handler(signum, frame):
+            previous = self._handlers.get(signum)
+            if signum == signal.SIGINT and self._preempted and callable(previous):
+                previous(signum, frame)  # a second Ctrl-C interrupts as usual
+                return
+            self.notify_preemption()
+
+        for sig in sigs:
+            self._handlers[sig] = signal.signal(sig, handler)
+        self._handler = handler
+
+    def _uninstall_handlers(self) -> None:
+        for sig, previous in self._handlers.items():
+            if signal.getsignal(sig) is self._handler:
+                signal.signal(sig, previous)
+        self._handlers = {}
