@@ -69,11 +69,11 @@ def plan(snap: Snapshot, options: SaveOptions) -> tuple[list[dict[str, Any]], in
 
 
 def _base_chunks(base: dict[str, Any] | None) -> dict[str, tuple[dict, tuple]]:
-    """path -> (chunks, compatibility key) of the base manifest's arrays (and the packed blob)."""
+    """array id -> (chunks, compatibility key) of the base manifest's arrays (and the packed blob)."""
     if base is None:
         return {}
     out = {
-        leaf["path"]: (leaf["chunks"], (leaf["stored_dtype"], leaf["shape"], leaf["chunk_shape"]))
+        leaf["array"]: (leaf["chunks"], (leaf["stored_dtype"], leaf["shape"], leaf["chunk_shape"]))
         for leaf in manifest_lib.array_leaves(base)
     }
     if base.get("packed"):
@@ -199,6 +199,7 @@ def assemble(
     metrics: Any = None,
     metadata: Any = None,
     base_step: int | None = None,
+    data_dir: str = "",
 ) -> dict[str, Any]:
     """Merges per-process fragments into the step's manifest (without timings)."""
     merged: dict[str, dict] = {}
@@ -222,6 +223,7 @@ def assemble(
         "step": step,
         "kind": kind,
         "base_step": base_step,
+        "data_dir": data_dir,
         "hash": hashing.ALGORITHM,
         "compression": options.compression,
         "metrics": metrics,
@@ -288,6 +290,7 @@ def save_snapshot(
             metrics=metrics,
             metadata=metadata,
             base_step=base_manifest["step"] if base_manifest is not None else None,
+            data_dir=data_dir,
         )
         manifest["created"] = time.time() if created is None else created
         manifest["save_seconds"] = time.perf_counter() - started
