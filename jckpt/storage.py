@@ -19,7 +19,7 @@ import tensorstore as ts
 COMPRESSION_CODECS = {
     None: [],
     "zstd": [{"name": "zstd", "configuration": {"level": 1}}],
-    "blosc": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}}],
+    "blosc": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}}],
 }
 
 
