@@ -25,6 +25,7 @@ from flax import nnx
 
 import jckpt
 from jckpt import config
+from jckpt.manager import CheckpointManager
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, batch_size:
     def train_step(params, opt_state, rng, data: Data):
         x_train, y_train, x_val, y_val = data
         rng, sample = jax.random.split(rng)
-        idx = jax.random.choice(sample, len(x_train), (batch_size,), replace=False)
+        idx = jax.random.randint(sample, (batch_size,), 0, len(x_train))
         (loss, _), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(
             params, x_train[idx], y_train[idx]
         )
@@ -156,8 +157,16 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, batch_size:
     return train_step
 
 
+def log(step: int, metrics: dict) -> None:
+    print(
+        f"step {step:5d}  train_loss {float(metrics['train_loss']):.4f}  "
+        f"val_loss {float(metrics['val_loss']):.4f}  "
+        f"val_accuracy {float(metrics['val_accuracy']):.4f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Trains (resuming if possible); returns the final train state."""
+    """Trains (resuming from the latest checkpoint if there is one); returns the final state."""
     cfg = config.parse_args(ExperimentConfig, argv, description=__doc__.splitlines()[0])
     ckpt, train = cfg.checkpoint, cfg.train
     tx = optax.adam(train.learning_rate)
@@ -165,40 +174,39 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(train)
     train_step = make_train_step(graphdef, tx, train.batch_size)
 
-    latest = jckpt.latest_step(ckpt.directory)
-    if latest is None:
-        state = jax.jit(init)()  # one compiled program instead of many small eager ones
-        print(f"no checkpoint in {ckpt.directory}: starting from scratch")
-    else:
-        state = jckpt.restore(ckpt.directory, like=jax.eval_shape(init), step=latest)
-        print(f"resumed from step {latest}")
+    with CheckpointManager(
+        ckpt.directory,
+        policy=ckpt.policy(),  # save / kind / retention rules from the YAML
+        async_save=ckpt.async_save,
+        handle_preemption=ckpt.handle_preemption,
+        options=ckpt.save_options(),
+    ) as mngr:
+        # jit: one compiled program instead of many small eager ones.
+        state, restored = mngr.restore_or_init(jax.jit(init))
+        if restored is None:
+            print(f"no checkpoint in {ckpt.directory}: starting from scratch")
+        else:
+            print(f"resumed from step {restored}")
 
-    started = time.perf_counter()
-    params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
-    metrics: dict = {}
-    start = int(state["step"])
-    for step in range(start + 1, train.steps + 1):
-        params, opt_state, rng, metrics = train_step(params, opt_state, rng, data)
-        last = step == train.steps
-        if step % train.log_every == 0 or last:
-            print(
-                f"step {step:5d}  train_loss {float(metrics['train_loss']):.4f}  "
-                f"val_loss {float(metrics['val_loss']):.4f}  "
-                f"val_accuracy {float(metrics['val_accuracy']):.4f}"
-            )
-        due = ckpt.every_n_steps is not None and step % ckpt.every_n_steps == 0
-        if due or (last and jckpt.latest_step(ckpt.directory) != step):
-            state = {"params": params, "opt_state": opt_state, "rng": rng, "step": jnp.int32(step)}
-            jckpt.save(
-                ckpt.directory, state, step=step,
-                metrics={k: float(v) for k, v in metrics.items()},
-                options=ckpt.save_options(),
-            )
-    final = max(start, train.steps)
-    state = {"params": params, "opt_state": opt_state, "rng": rng, "step": jnp.int32(final)}
+        started = time.perf_counter()
+        params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+        step = start = int(state["step"])
+        metrics: dict = {}
+        saved = False
+        while step < train.steps and not mngr.should_stop():
+            params, opt_state, rng, metrics = train_step(params, opt_state, rng, data)
+            step += 1
+            state = {"params": params, "opt_state": opt_state, "rng": rng, "step": np.int32(step)}
+            if step % train.log_every == 0 or step == train.steps:
+                log(step, metrics)
+            saved = mngr.maybe_save(step, state, metrics)  # blocks only for the device-to-host copy
+        if mngr.should_stop():
+            print(f"preempted: saved step {step}, stopping")
+        elif step > start and not saved:
+            mngr.save(step, state, metrics)  # always keep the final state
     print(
-        f"done: step {final} in {time.perf_counter() - started:.2f} s; "
-        f"checkpoints {jckpt.all_steps(ckpt.directory)} in {ckpt.directory}"
+        f"done: step {step} in {time.perf_counter() - started:.2f} s; checkpoints "
+        f"{jckpt.all_steps(ckpt.directory)} in {ckpt.directory} (best: {mngr.best_step()})"
     )
     return state
 
