@@ -30,9 +30,9 @@ from jckpt.manager import CheckpointManager
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The MLP: hidden layer widths."""
+    """The MLP: the width of its hidden layer."""
 
-    hidden: tuple[int, ...] = (64,)
+    hidden: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +66,14 @@ class ExperimentConfig:
 
 
 class MLP(nnx.Module):
-    """ReLU layers of the given widths, then a linear read-out."""
+    """One ReLU hidden layer, then a linear read-out to the 10 classes."""
 
-    def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
-        )
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(64, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, 10, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
+        return self.out(jax.nn.relu(self.hidden(x)))
 
 
 Data = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
@@ -116,9 +113,9 @@ def model_and_init(cfg: ExperimentConfig, tx: optax.GradientTransformation):
     """
 
     def make_model() -> MLP:
-        return MLP((64, *cfg.model.hidden, 10), rngs=nnx.Rngs(cfg.train.seed))
+        return MLP(cfg.model.hidden, rngs=nnx.Rngs(cfg.train.seed))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
+    graphdef, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param)
 
     def init() -> dict[str, Any]:
         _, params = nnx.split(make_model(), nnx.Param)

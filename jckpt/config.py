@@ -201,7 +201,13 @@ class CheckpointConfig:
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    try:
+        return typing.get_type_hints(cls)
+    except NameError as e:
+        raise TypeError(
+            f"cannot resolve the field types of {cls.__qualname__} ({e}); define config "
+            "dataclasses at module level"
+        ) from e
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:

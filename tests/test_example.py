@@ -1,9 +1,11 @@
-"""The main example (examples/train.py + configs/digits.yaml), run as a user runs it."""
+"""The main example (examples/train.py + configs/digits.yaml), run as a user runs it,
+and the code in README.md and docs/quickstart.md."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,6 @@ SCRIPT = REPO / "examples" / "train.py"
 CONFIG = REPO / "configs" / "digits.yaml"
 
 NEVER = "checkpoint.every_n_steps=1000000"  # only the final (or preemption) save
-pytestmark = pytest.mark.slow  # each run is a fresh Python process (~3-5 s)
 
 
 def command(directory: pathlib.Path, *overrides: str) -> list[str]:
@@ -60,6 +61,7 @@ def assert_same_state(a: pathlib.Path, b: pathlib.Path, step: int) -> None:
     assert jckpt.info(a, step).metrics == jckpt.info(b, step).metrics
 
 
+@pytest.mark.slow  # each run is a fresh Python process (~4 s)
 def test_second_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     policy = ("checkpoint.every_n_steps=50",)
@@ -87,6 +89,7 @@ def test_second_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert jckpt.all_steps(resumed) == kept
 
 
+@pytest.mark.slow
 def test_preempted_run_saves_and_stops_then_resumes(tmp_path):
     preempted, straight = tmp_path / "preempted", tmp_path / "straight"
     overrides = ("train.steps=100000", NEVER,
@@ -118,6 +121,7 @@ def test_preempted_run_saves_and_stops_then_resumes(tmp_path):
     assert jckpt.latest_step(preempted) == stopped + 10
 
 
+@pytest.mark.slow
 def test_bad_config_key_fails_with_the_file_and_key(tmp_path):
     done = subprocess.run(
         command(tmp_path, "checkpoint.keep_lats=3"), cwd=REPO, capture_output=True, text=True,
@@ -126,3 +130,23 @@ def test_bad_config_key_fails_with_the_file_and_key(tmp_path):
     assert done.returncode == 2
     assert "checkpoint.keep_lats" in done.stderr and "did you mean 'keep_last'" in done.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/quickstart.md"])
+def test_documented_python_runs(doc, tmp_path, monkeypatch):
+    """Every ```python block of the page, in order, as one session."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / doc).read_text(), re.S)
+    assert blocks
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{doc} block {i}", "exec", dont_inherit=True), namespace)
+
+
+def test_readme_commands_are_the_ci_commands():
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    assert len(commands) == 2  # set up + run the example; run the tests
+    assert "examples/train.py --config configs/digits.yaml" in commands[0]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci
