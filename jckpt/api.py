@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from jckpt import gc, layout
+from jckpt import gc, layout, multihost
 from jckpt import manifest as manifest_lib
 from jckpt import restoring as restore_lib
 from jckpt.errors import CheckpointNotFoundError
@@ -68,10 +68,21 @@ def verify(directory: str | os.PathLike, step: int | None = None) -> manifest_li
 def delete(directory: str | os.PathLike, step: int) -> None:
     """Deletes a committed step; bytes still referenced by other steps survive.
 
+    Under ``jax.distributed`` every process calls it; process 0 deletes, the
+    others wait for it (see docs/multihost.md).
+
     Raises:
       CheckpointNotFoundError: the step is not committed.
+      jckpt.multihost.CoordinationTimeoutError: a peer did not take part in time.
     """
-    root = _root(directory)
-    if root is None:
-        raise CheckpointNotFoundError(f"no jckpt checkpoints at {os.fspath(directory)!r}")
-    gc.delete_step(root, int(step))
+    step = int(step)
+
+    def run() -> None:
+        root = _root(directory)
+        if root is None:
+            raise CheckpointNotFoundError(f"no jckpt checkpoints at {os.fspath(directory)!r}")
+        gc.delete_step(root, step)
+
+    # Under jax.distributed only process 0 deletes; the others wait for it and share its errors.
+    op = multihost.Operation("delete", os.fspath(directory), step)
+    op.all_then_primary("delete", lambda: None, lambda _: run(), lambda: None)

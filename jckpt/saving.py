@@ -11,9 +11,9 @@ import numpy as np
 import tensorstore as ts
 import xxhash
 
-from jckpt import chunking, gc, hashing, layout, storage
+from jckpt import chunking, gc, hashing, layout, multihost, storage
 from jckpt import manifest as manifest_lib
-from jckpt.errors import StepExistsError
+from jckpt.errors import StepExistsError, TreeMismatchError
 from jckpt.snapshots import LeafSnapshot, Snapshot, snapshot
 
 KINDS = ("full", "incremental")
@@ -248,6 +248,75 @@ def _resolve_base(root: layout.Root, kind: str, base: int | None) -> dict[str, A
     return root.read_manifest(base)
 
 
+def _save_multihost(
+    root: layout.Root,
+    snap: Snapshot,
+    step: int,
+    metrics: Any,
+    metadata: Any,
+    kind: str,
+    base: int | None,
+    options: SaveOptions,
+    created: float | None,
+    started: float,
+) -> manifest_lib.CheckpointInfo:
+    """save_snapshot under jax.distributed (see docs/multihost.md).
+
+    Process 0 validates, cleans up and picks the data directory and the base
+    step; every process writes its fragment; process 0 assembles and commits.
+    """
+    op = multihost.Operation("save", root.directory, step)
+
+    def prepare() -> list:
+        root.ensure()
+        if step in root.committed_steps():
+            raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
+        base_manifest = _resolve_base(root, kind, base)
+        gc.remove_uncommitted(root)
+        return [layout.new_data_dir(step), base_manifest["step"] if base_manifest is not None else None]
+
+    data_dir, base_step = op.on_primary("prepare", prepare)
+    entries, packed_size = plan(snap, options)  # the same on every process (checked below)
+
+    def write() -> dict[str, Any]:
+        try:
+            base_manifest = root.read_manifest(base_step) if base_step is not None else None
+            fragment = write_fragment(root, data_dir, snap, entries, packed_size, options, base_manifest)
+            return {**fragment, "plan": xxhash.xxh3_64_hexdigest(manifest_lib.encode(entries))}
+        except BaseException as e:
+            error = storage.as_os_error(e)
+            if error is e:
+                raise
+            raise error from e
+
+    def commit(fragments: list[dict[str, Any]]) -> dict[str, Any]:
+        differ = [i for i, f in enumerate(fragments) if f["plan"] != fragments[0]["plan"]]
+        if differ:
+            raise TreeMismatchError(
+                f"step {step}: process(es) {differ} saved a different tree than process 0 (leaf paths, "
+                "shapes, dtypes or shardings differ); every process must save the same global state"
+            )
+        manifest = assemble(
+            entries,
+            packed_size,
+            fragments,
+            step=step,
+            kind="incremental" if base_step is not None else "full",
+            options=options,
+            metrics=metrics,
+            metadata=metadata,
+            base_step=base_step,
+            data_dir=data_dir,
+        )
+        manifest["created"] = time.time() if created is None else created
+        manifest["save_seconds"] = time.perf_counter() - started
+        root.write(layout.manifest_key(step), manifest_lib.encode(manifest))
+        return manifest_lib.info_of(manifest)._asdict()
+
+    info = op.all_then_primary("write", write, commit, lambda: gc.discard(root, data_dir))
+    return manifest_lib.CheckpointInfo(**info)
+
+
 def save_snapshot(
     directory: str | os.PathLike,
     snap: Snapshot,
@@ -271,6 +340,8 @@ def save_snapshot(
     metadata = manifest_lib.to_json(metadata, "metadata")
     step = int(step)
     root = layout.Root(directory)
+    if multihost.is_multihost():
+        return _save_multihost(root, snap, step, metrics, metadata, kind, base, options, created, started)
     root.ensure()
     if step in root.committed_steps():
         raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
