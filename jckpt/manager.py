@@ -60,6 +60,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _needs_copy(state: Any) -> bool:
+    """Whether the snapshot must copy host memory the caller could still change.
+
+    numpy arrays are mutable, so they are copied. jax arrays are immutable; the
+    only way their memory changes is donation, and on CPU (where the snapshot
+    would otherwise alias device memory) a buffer that a host view still
+    references is not donated: XLA writes the result elsewhere and the view keeps
+    the values of the call (``test_donated_jax_buffers_after_maybe_save``). So a
+    state of jax arrays and Python scalars is snapshotted without a copy -- no
+    blocking memcpy and no second copy of the state in host RAM. (Off CPU the
+    device-to-host transfer is a copy anyway.)
+    """
+    return any(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(state))
+
+
 class CheckpointManager:
     """Saves a train loop's state by a policy, asynchronously, and resumes it.
 
@@ -112,6 +127,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._history = [jckpt.info(directory, s) for s in jckpt.all_steps(directory)]
         self._state = P.resume(self._policy, self._history)
+        self._shared_cpu = jax.default_backend() == "cpu"
         self._pinned: Counter[int] = Counter()
         self._pending: tuple[int, concurrent.futures.Future] | None = None
         self._error: tuple[int, BaseException, str] | None = None
@@ -222,13 +238,22 @@ class CheckpointManager:
             raise ValueError(f"metadata key {P.META_KEY!r} is reserved for the manager")
         started = self._clock()
         self._collect(raise_error=True)  # back-pressure: one save in flight
-        snap = jckpt.snapshot(state, copy=True)
+        snap = jckpt.snapshot(state, copy=_needs_copy(state))
         blocking = max(0.0, float(self._clock()) - float(started))
         if kind == "incremental" and not self._history:
             kind = "full"  # nothing to be incremental against; the store would write full
         metrics = {k: _plain(v) for k, v in event.metrics.items()} if event.metrics else None
         meta = dict(metadata or {})
-        meta.update(P.save_metadata(self._state, event, blocking_seconds=blocking, async_save=self._async))
+        state_before = self._state
+        meta.update(
+            P.save_metadata(
+                state_before,
+                event,
+                blocking_seconds=blocking,
+                async_save=self._async,
+                shared_cpu=self._shared_cpu,
+            )
+        )
         args = (event.step, snap, metrics, meta, kind, event.now)
         if self._executor is None:
             info = self._write(*args)
@@ -236,9 +261,9 @@ class CheckpointManager:
             self._retain()
             return
         record = P.Saved(event.step, kind, metrics, meta, event.now, 0.0)
-        future = self._executor.submit(self._write_and_retain, *args)
+        self._state = self._policy.update(state_before, record)  # until the commit
+        future = self._executor.submit(self._write_and_retain, state_before, *args)
         self._pending = (event.step, future)
-        self._state = self._policy.update(self._state, record)
 
     def _write(self, step, snap, metrics, meta, kind, now) -> Any:
         info = jckpt.save_snapshot(
@@ -256,8 +281,12 @@ class CheckpointManager:
             self._history.sort(key=lambda i: i.step)
         return info
 
-    def _write_and_retain(self, *args) -> Any:
+    def _write_and_retain(self, state_before: Any, *args) -> Any:
         info = self._write(*args)  # an exception here fails the save
+        with self._lock:
+            # Replace the provisional record by the committed one (its kind and
+            # duration are known now): the state a restarted run would rebuild.
+            self._state = self._policy.update(state_before, info)
         try:
             self._retain()
         except Exception as e:  # the save is committed; report the deletion problem
@@ -438,6 +467,11 @@ class CheckpointManager:
         """The best committed step by the policy's metric (``keep_best``/``best_only``), or None."""
         with self._lock:
             return P.best_step(self._policy, self._state, list(self._history))
+
+    @property
+    def policy_state(self) -> Any:
+        """The policy's current state (after the committed saves: what ``policy.resume`` rebuilds)."""
+        return self._state
 
     @property
     def directory(self) -> str | os.PathLike:

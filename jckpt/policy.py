@@ -83,7 +83,8 @@ __all__ = [
 ]
 
 #: Key of the metadata entry the manager writes into every checkpoint it saves:
-#: ``{"time": float, "blocking_seconds": float, "async": bool, "policy_state": ...}``.
+#: ``{"time": float, "blocking_seconds": float, "async": bool, "shared_cpu": bool,
+#: "policy_state": ...}``.
 META_KEY = "jckpt"
 
 PolicyState = Any
@@ -248,16 +249,18 @@ def saved_at(record: Any) -> float:
 
 
 def save_cost(record: Any) -> float:
-    """Seconds the train loop was blocked by a save (the Young-Daly ``C``).
+    """Seconds of training a save cost (the Young-Daly ``C``).
 
     Args:
       record: a saved checkpoint (:class:`Saved` or ``jckpt.CheckpointInfo``).
 
     Returns:
-      For an asynchronous save recorded by the manager, the blocking time (the
-      device-to-host snapshot plus any wait for the previous save); for a
-      synchronous one, that plus ``save_seconds``; without manager metadata,
-      ``save_seconds``.
+      For an asynchronous save recorded by the manager while training runs on
+      an accelerator, the blocking time (device-to-host snapshot plus any wait
+      for the previous save): the write overlaps training. When the write runs
+      on the CPU that also trains (``"shared_cpu"``, e.g. JAX on CPU) or the
+      save was synchronous, that plus ``save_seconds``. Without manager
+      metadata, ``save_seconds``.
 
     Example::
 
@@ -267,7 +270,9 @@ def save_cost(record: Any) -> float:
     if "blocking_seconds" not in meta:
         return float(record.save_seconds)
     blocking = float(meta["blocking_seconds"])
-    return blocking if meta.get("async") else blocking + float(record.save_seconds)
+    if meta.get("async") and not meta.get("shared_cpu"):
+        return blocking
+    return blocking + float(record.save_seconds)
 
 
 # --------------------------------------------------------------------- save rules
@@ -366,8 +371,8 @@ def on_steps(steps: Iterable[int]) -> Policy:
 def on_preemption() -> Policy:
     """Save when a preemption was signalled (``Event.preempted``).
 
-    ``CheckpointManager(..., handle_preemption=True)`` adds this rule itself; use
-    it directly when driving policies by hand.
+    ``CheckpointManager`` saves on a preemption whatever its policy says; this
+    rule is for driving policies by hand (or a loop of your own).
 
     Returns:
       A save rule.
@@ -470,12 +475,14 @@ def young_daly(
 ) -> Policy:
     """Save every ``sqrt(2 * C * MTBF)`` seconds, with ``C`` measured.
 
-    ``C`` is the time a save blocks the train loop (:func:`save_cost`): for an
-    asynchronous save only the device-to-host snapshot plus any wait for the
-    previous save, for a synchronous one the whole save. It is an exponential
-    moving average over the saves so far; the first call saves, to measure it.
-    If saves come faster than they can be written, the wait for the previous
-    one enters ``C`` and the interval grows by itself.
+    ``C`` is the training time a save costs (:func:`save_cost`): for an
+    asynchronous save while training runs on an accelerator, only the
+    device-to-host snapshot plus any wait for the previous save; for a
+    synchronous save, or when the background write shares the CPU with
+    training, the whole save. It is an exponential moving average over the
+    saves so far; the first call saves, to measure it. If saves come faster
+    than they can be written, the wait for the previous one enters ``C`` and
+    the interval grows by itself.
 
     Args:
       mtbf_seconds: the mean time between failures of the whole job (for N
@@ -756,9 +763,7 @@ def combine(*policies: Policy) -> Policy:
         return CombinedState(tuple(p.init(history) for p in policies))
 
     def update_fn(state: CombinedState, record: Any) -> CombinedState:
-        return CombinedState(
-            tuple(p.update(s, record) for p, s in zip(policies, state.inner, strict=True))
-        )
+        return CombinedState(tuple(p.update(s, record) for p, s in zip(policies, state.inner, strict=True)))
 
     def answers(fn_name: str, state: CombinedState, arg: Any) -> list:
         out = (getattr(p, fn_name)(s, arg) for p, s in zip(policies, state.inner, strict=True))
@@ -892,9 +897,7 @@ def decode_state(template: PolicyState, data: Any) -> PolicyState:
             or len(data["fields"]) != len(template)
         ):
             raise ValueError(f"stored policy state does not match {name}: {data!r}")
-        return type(template)(
-            *(decode_state(t, d) for t, d in zip(template, data["fields"], strict=True))
-        )
+        return type(template)(*(decode_state(t, d) for t, d in zip(template, data["fields"], strict=True)))
     if isinstance(template, tuple):
         if not isinstance(data, list) or len(data) != len(template):
             raise ValueError(f"stored policy state does not match a {len(template)}-tuple")
@@ -905,7 +908,12 @@ def decode_state(template: PolicyState, data: Any) -> PolicyState:
 
 
 def save_metadata(
-    state: PolicyState, event: Event, *, blocking_seconds: float = 0.0, async_save: bool = False
+    state: PolicyState,
+    event: Event,
+    *,
+    blocking_seconds: float = 0.0,
+    async_save: bool = False,
+    shared_cpu: bool = False,
 ) -> dict[str, Any]:
     """The metadata entry to store with a save, so :func:`resume` can restart exactly.
 
@@ -915,6 +923,8 @@ def save_metadata(
       blocking_seconds: how long the save blocked the loop before it was handed
         off (snapshot plus waiting for the previous save).
       async_save: whether the rest of the save ran in the background.
+      shared_cpu: whether that background work competes with training for the
+        same CPU (training on the CPU backend); see :func:`save_cost`.
 
     Returns:
       ``{META_KEY: {...}}``, to merge into the checkpoint's metadata.
@@ -928,6 +938,7 @@ def save_metadata(
             "time": float(event.now),
             "blocking_seconds": float(blocking_seconds),
             "async": bool(async_save),
+            "shared_cpu": bool(shared_cpu),
             "policy_state": encode_state(state),
         }
     }

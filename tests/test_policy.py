@@ -115,15 +115,18 @@ def test_young_daly_cost_is_blocking_time_for_async_saves():
     async_save = Saved(0, save_seconds=30.0, metadata=_meta(blocking=0.5, is_async=True))
     sync_save = Saved(0, save_seconds=30.0, metadata=_meta(blocking=0.5, is_async=False))
     plain_save = Saved(0, save_seconds=30.0)
+    # Async, but the write competes with training for the same CPU: all of it counts.
+    shared = Saved(0, save_seconds=30.0, metadata=_meta(blocking=0.5, is_async=True, shared=True))
     assert P.save_cost(async_save) == 0.5
     assert P.save_cost(sync_save) == 30.5
     assert P.save_cost(plain_save) == 30.0
+    assert P.save_cost(shared) == 30.5
     state = P.young_daly(3600).init([async_save])
     assert state.cost == 0.5
 
 
-def _meta(blocking, is_async, time_=0.0):
-    return {"jckpt": {"time": time_, "blocking_seconds": blocking, "async": is_async}}
+def _meta(blocking, is_async, time_=0.0, shared=False):
+    return {"jckpt": {"time": time_, "blocking_seconds": blocking, "async": is_async, "shared_cpu": shared}}
 
 
 # ------------------------------------------------------------------------- kinds
@@ -141,9 +144,7 @@ KIND_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "policy, n, expected", [c[1:] for c in KIND_CASES], ids=[c[0] for c in KIND_CASES]
-)
+@pytest.mark.parametrize("policy, n, expected", [c[1:] for c in KIND_CASES], ids=[c[0] for c in KIND_CASES])
 def test_kinds(policy, n, expected):
     assert P.simulate(P.combine(P.every_n_steps(1), policy), steps(n)).kinds == expected
 
