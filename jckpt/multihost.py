@@ -252,6 +252,32 @@ def gather(
     return values
 
 
+def agree(topic: str, value: Any, *, timeout_s: float | None = None) -> Any:
+    """Process 0's JSON ``value`` on every process: a decision made once for the whole group.
+
+    For choices that must not differ between hosts (save now? which kind? which
+    steps to delete?), which clock skew or local signals could otherwise split.
+    Every process must call it equally often per ``topic``; the last reader
+    deletes the key, so a call per train step does not grow the service's store.
+
+    Example::
+
+        save_now = multihost.agree("save-decision", policy_says_save)
+    """
+    if not is_multihost():
+        return value
+    with _counters_lock:
+        n = next(_counters.setdefault(("agree", topic), itertools.count()))
+    name = f"agree/{_slug(topic)}/{n}"
+    if is_primary():
+        return broadcast(name, value)
+    got = broadcast(name, timeout_s=timeout_s, what=f"agreeing on {topic!r} (call {n})")
+    key = f"{_PREFIX}/{name}"
+    if client().key_value_increment(f"{key}/readers", 1) == process_count() - 1:
+        _delete(key)  # everyone has read it
+    return got
+
+
 # ------------------------------------------------------------- errors on the wire
 
 

@@ -255,8 +255,13 @@ def mode_manager(a: dict) -> dict:
     return {"saved": saved, "kept": kept, "on_disk": jckpt.all_steps(a["dir"]), "checked": checked}
 
 
-def mode_steps(a: dict) -> dict:
-    return {"steps": jckpt.all_steps(a["dir"])}
+def mode_agree(a: dict) -> dict:
+    """Every process gets process 0's decision; the service's store does not grow."""
+    me = multihost.process_index()
+    decisions = [multihost.agree("decide", {"save": step % 3 == me % 3, "from": me}) for step in range(50)]
+    multihost.barrier("agree-done")
+    left = multihost.client().key_value_dir_get_bytes("jckpt/agree/") if me == 0 else []
+    return {"decisions": decisions, "left": len(left)}
 
 
 MODES = {name[len("mode_") :]: fn for name, fn in globals().items() if name.startswith("mode_")}

@@ -176,3 +176,29 @@ def test_manager_async_keep_last_across_two_processes(tmp_path):
     assert jckpt.all_steps(ckpt) == [6, 8]
     names = sorted(p.name for p in Path(ckpt).iterdir() if p.name.startswith("step_"))
     assert names == ["step_00000006", "step_00000008"]  # deleted once, nothing left behind
+
+
+def test_agree_gives_every_process_the_decision_of_process_zero(tmp_path):
+    results = run("agree", 3, tmp_path / "g")
+    expected = [{"save": step % 3 == 0, "from": 0} for step in range(50)]
+    assert all(r["decisions"] == expected for r in results)
+    assert results[0]["left"] == 0
+
+
+def test_example_launcher_runs_the_trainer_on_two_processes_and_resumes(tmp_path):
+    launcher = Path(__file__).parents[1] / "examples" / "multihost_cpu.py"
+    args = ["--config", "configs/digits.yaml", "--set", f"checkpoint.directory={tmp_path / 'ckpt'}"]
+
+    def launch(steps: int) -> str:
+        command = [sys.executable, str(launcher), "--processes", "2", "--", *args, f"train.steps={steps}"]
+        done = subprocess.run(
+            command, cwd=launcher.parents[1], capture_output=True, text=True, timeout=300, env=_env()
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    first = launch(100)
+    assert "[p0] no checkpoint" in first and "[p1] no checkpoint" in first
+    second = launch(200)
+    assert "[p0] resumed from step 100" in second and "[p1] resumed from step 100" in second
+    assert jckpt.all_steps(tmp_path / "ckpt")[-1] == 200
