@@ -502,8 +502,8 @@ class CheckpointManager:
 
         def handler(signum, frame):
             previous = self._handlers.get(signum)
-            if signum == signal.SIGINT and self._preempted and callable(previous):
-                previous(signum, frame)  # a second Ctrl-C interrupts as usual
+            if signum == signal.SIGINT and (self._preempted or self._stop) and callable(previous):
+                previous(signum, frame)  # Ctrl-C again after the first: interrupt as usual
                 return
             self.notify_preemption()
 

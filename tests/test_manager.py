@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import NamedTuple
 
 import jax
@@ -367,6 +368,31 @@ def test_signal_handlers_are_removed_on_close(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not before
     mngr.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_second_sigint_interrupts_as_usual(tmp_path):
+    with CheckpointManager(tmp_path, policy=P.every_n_steps(100), handle_preemption=True) as mngr:
+        os.kill(os.getpid(), signal.SIGINT)  # first: a preemption request
+        assert mngr.maybe_save(1, small_state(1)) and mngr.should_stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: interrupt
+            for _ in range(100):
+                time.sleep(0.01)
+
+
+def test_preemption_handlers_need_the_main_thread(tmp_path):
+    errors = []
+
+    def make():
+        try:
+            CheckpointManager(tmp_path, handle_preemption=True)
+        except ValueError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    assert errors and "main thread" in str(errors[0])
 
 
 CHILD = textwrap.dedent(
