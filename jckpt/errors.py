@@ -39,3 +39,19 @@ class UnsupportedFormatError(ValueError):
 
 class UnsupportedLeafError(TypeError):
     """A leaf of a type jckpt cannot save; the message names its key path."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background save (or the retention after it) failed.
+
+    Raised by the next ``maybe_save``/``save``/``wait``/``close`` of the manager;
+    the original exception is the ``__cause__``. A failed save never becomes a
+    visible step.
+
+    Attributes:
+      step: the step whose save failed.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

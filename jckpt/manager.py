@@ -33,24 +33,9 @@ import numpy as np
 
 import jckpt
 from jckpt import policy as P
+from jckpt.errors import CheckpointSaveError
 
 __all__ = ["CheckpointManager", "CheckpointSaveError"]
-
-
-class CheckpointSaveError(RuntimeError):
-    """A background save (or the retention after it) failed.
-
-    Raised by the next ``maybe_save``/``save``/``wait``/``close`` of the manager;
-    the original exception is the ``__cause__``. A failed save never becomes a
-    visible step.
-
-    Attributes:
-      step: the step whose save failed.
-    """
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
 
 
 def _plain(value: Any) -> Any:

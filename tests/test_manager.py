@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jckpt
+from jckpt import CheckpointManager, CheckpointSaveError
 from jckpt import policy as P
-from jckpt.manager import CheckpointManager, CheckpointSaveError
 
 
 class FakeClock:
