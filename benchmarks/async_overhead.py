@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 
 import jckpt
+from jckpt import CheckpointManager
 from jckpt import policy as P
-from jckpt.manager import CheckpointManager
 
 MiB = 2**20
 WIDTH = 4096

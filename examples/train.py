@@ -24,8 +24,7 @@ import optax
 from flax import nnx
 
 import jckpt
-from jckpt import config
-from jckpt.manager import CheckpointManager
+from jckpt import CheckpointManager, config
 
 
 @dataclasses.dataclass(frozen=True)

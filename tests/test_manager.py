@@ -401,7 +401,7 @@ CHILD = textwrap.dedent(
     import numpy as np
     import jckpt
     from jckpt import policy as P
-    from jckpt.manager import CheckpointManager
+    from jckpt import CheckpointManager
 
     mngr = CheckpointManager(sys.argv[1], policy=P.every_n_steps(1000), handle_preemption=True)
     step = 0
