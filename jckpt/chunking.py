@@ -88,6 +88,11 @@ def normalize(region: Sequence[slice], shape: Sequence[int]) -> Region:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, shape))
 
 
+def size(region: Region) -> int:
+    """The number of elements in a region."""
+    return math.prod(s.stop - s.start for s in region)
+
+
 def region_key(region: Region) -> tuple[tuple[int, int], ...]:
     """A hashable form of a region (slices are unhashable before Python 3.12)."""
     return tuple((s.start, s.stop) for s in region)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -64,11 +65,27 @@ def _check_shape(leaf: dict[str, Any], like_leaf: Any, problems: list[str]) -> N
 
 
 class _ChunkRead(NamedTuple):
-    tag: Any  # handed back to the caller's on_chunk
+    """One stored chunk to read and verify."""
+
+    array: str  # array directory name (leaf array id or "packed")
+    path: str  # leaf path, for error messages
     name: str  # chunk name in the manifest
     region: chunking.Region  # region of the stored array
     digest: str
     source: str  # data directory holding the bytes
+    dest: np.ndarray | None  # C-contiguous view to read into directly, or None
+    on_chunk: Callable[[np.ndarray], None] | None  # where the chunk goes when dest is None
+
+
+def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised C-order array whose data is ``alignment``-byte aligned.
+
+    jax adopts 64-byte-aligned host buffers on CPU instead of copying them.
+    """
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 class _LeafPlan:
@@ -92,10 +109,10 @@ class _LeafPlan:
         return list(regions.values())
 
     def buffer(self, region: chunking.Region) -> np.ndarray:
-        """The (new) host buffer a region is read into."""
+        """The host buffer a region is read into (allocated, aligned, on first use)."""
         key = chunking.region_key(region)
         if key not in self.buffers:
-            self.buffers[key] = np.empty([s.stop - s.start for s in region], self.stored)
+            self.buffers[key] = aligned_empty([s.stop - s.start for s in region], self.stored)
         return self.buffers[key]
 
     def host(self, region: chunking.Region) -> np.ndarray:
@@ -109,15 +126,83 @@ class _LeafPlan:
         logical = np.dtype(self.leaf["dtype"])
         return data if logical == self.stored else data.view(logical)
 
+    def chunk_reads(self) -> list[_ChunkRead]:
+        """The reads of every stored chunk overlapping a target region, each chunk once."""
+        leaf, chunk_shape = self.leaf, self.leaf["chunk_shape"]
+        wanted: dict[tuple[int, ...], list[chunking.Region]] = {}
+        for region in self.regions:
+            for chunk_id in chunking.chunk_ids_in(region, chunk_shape):
+                wanted.setdefault(chunk_id, []).append(region)
+        reads = []
+        for chunk_id, regions in wanted.items():
+            name = chunking.chunk_name(chunk_id)
+            if name not in leaf["chunks"]:
+                raise CorruptCheckpointError(f"leaf {leaf['path']!r}: chunk {name} missing from the manifest")
+            digest, source = leaf["chunks"][name]
+            chunk_region = chunking.chunk_region(chunk_id, chunk_shape, self.shape)
+            dest = None
+            if len(regions) == 1 and chunking.intersect(regions[0], chunk_region) == chunk_region:
+                view = self.buffer(regions[0])[chunking.relative(chunk_region, regions[0])]
+                dest = view if view.flags.c_contiguous else None
+            on_chunk = None if dest is not None else self._copier(chunk_region, regions)
+            reads.append(
+                _ChunkRead(leaf["array"], leaf["path"], name, chunk_region, digest, source, dest, on_chunk)
+            )
+        return reads
 
-def _corrupt(step: int, path: str, chunk: str, source: str, why: str) -> CorruptCheckpointError:
+    def _copier(self, chunk_region: chunking.Region, regions: list[chunking.Region]):
+        def copy(data: np.ndarray) -> None:
+            for region in regions:
+                overlap = chunking.intersect(region, chunk_region)
+                self.buffer(region)[chunking.relative(overlap, region)] = data[
+                    chunking.relative(overlap, chunk_region)
+                ]
+
+        return copy
+
+
+def packed_reads(manifest: dict[str, Any], plans: list[_LeafPlan]) -> list[_ChunkRead]:
+    """Reads of the packed-blob chunks the plans need; points each plan's buffer into the blob."""
+    packed = manifest["packed"] or {"nbytes": 0, "chunk_bytes": 1, "chunks": {}}
+    chunk, nbytes = packed["chunk_bytes"], packed["nbytes"]
+    blob = aligned_empty([nbytes], np.dtype(np.uint8))
+    needed = set()
+    for p in plans:
+        offset, size = p.leaf["packed"]
+        needed.update(range(offset // chunk, -(-(offset + size) // chunk)))
+        p.buffers[tuple((0, n) for n in p.shape)] = (
+            blob[offset : offset + size].view(p.stored).reshape(p.shape)
+        )
+    reads = []
+    for i in sorted(needed):
+        digest, source = packed["chunks"][str(i)]
+        region = (slice(i * chunk, min((i + 1) * chunk, nbytes)),)
+        reads.append(
+            _ChunkRead(
+                manifest_lib.PACKED_ARRAY,
+                "(packed small leaves)",
+                str(i),
+                region,
+                digest,
+                source,
+                blob[region],
+                None,
+            )
+        )
+    return reads
+
+
+def _corrupt(step: int, read: _ChunkRead, why: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"step {step}, leaf {path!r}, chunk {chunk or '(scalar)'} (in {source}): {why}"
+        f"step {step}, leaf {read.path!r}, chunk {read.name or '(scalar)'} (in {read.source}): {why}"
     )
 
 
 class Reader:
-    """Reads and verifies the chunks of one manifest."""
+    """Reads and verifies chunks of one manifest: every array opened up front, reads pipelined.
+
+    At most MAX_INFLIGHT_BYTES are read ahead of verification, across all leaves.
+    """
 
     def __init__(self, root: layout.Root, manifest: dict[str, Any]):
         self.root, self.manifest = root, manifest
@@ -132,125 +217,97 @@ class Reader:
             self.stores[key] = ts.open({"driver": "zarr3", "kvstore": kv}, open=True, context=self.root.ctx)
         return self.stores[key]
 
-    def read_chunks(self, array: str, path: str, reads: list[_ChunkRead], on_chunk) -> None:
-        """Reads chunks of ``array`` (in any data directory), verifies each, calls ``on_chunk(tag, data)``.
+    def _start(self, read: _ChunkRead) -> tuple[ts.Future, int]:
+        """Starts one read; returns its future and its size in bytes."""
+        try:
+            store = self._store(read.source, read.array).result()
+        except Exception as e:
+            raise _corrupt(self.step, read, f"cannot open its array: {e}") from e
+        source = store[read.region]
+        nbytes = store.dtype.numpy_dtype.itemsize * chunking.size(read.region)
+        if read.dest is not None:
+            return ts.array(read.dest, copy=False, write=True).write(source).commit, nbytes
+        return source.read(), nbytes
 
-        At most MAX_INFLIGHT_BYTES are read ahead of the verification.
-        """
-        for read in reads:
-            self._store(read.source, array)
+    def _finish(self, read: _ChunkRead, future: ts.Future) -> None:
+        try:
+            result = future.result()
+        except Exception as e:  # a missing or unreadable data file
+            raise _corrupt(self.step, read, f"unreadable: {e}") from e
+        data = read.dest if read.dest is not None else result
+        if hashing.chunk_hash(data) != read.digest:
+            raise _corrupt(self.step, read, "hash mismatch")
+        self.bytes_read += data.nbytes
+        if read.on_chunk is not None:
+            read.on_chunk(data)
+
+    def run(self, reads: list[_ChunkRead]) -> None:
+        for read in reads:  # open every array before the first read
+            self._store(read.source, read.array)
         inflight: collections.deque = collections.deque()
         inflight_bytes = 0
-
-        def finish() -> None:
-            nonlocal inflight_bytes
-            read, future, nbytes = inflight.popleft()
-            inflight_bytes -= nbytes
-            try:
-                data = future.result()
-            except Exception as e:  # a missing or unreadable data file
-                raise _corrupt(self.step, path, read.name, read.source, f"unreadable: {e}") from e
-            if hashing.chunk_hash(data) != read.digest:
-                raise _corrupt(self.step, path, read.name, read.source, "hash mismatch")
-            self.bytes_read += data.nbytes
-            on_chunk(read.tag, data)
-
         for read in reads:
-            try:
-                store = self._store(read.source, array).result()
-            except Exception as e:
-                raise _corrupt(self.step, path, read.name, read.source, f"cannot open: {e}") from e
-            nbytes = store.dtype.numpy_dtype.itemsize * int(np.prod([s.stop - s.start for s in read.region]))
-            inflight.append((read, store[read.region].read(), nbytes))
+            future, nbytes = self._start(read)
+            inflight.append((read, future, nbytes))
             inflight_bytes += nbytes
             while inflight_bytes > MAX_INFLIGHT_BYTES:
-                finish()
-        while inflight:
-            finish()
-
-    def read_leaf(self, plan: _LeafPlan) -> None:
-        leaf = plan.leaf
-        chunk_shape = leaf["chunk_shape"]
-        wanted: dict[tuple[int, ...], list[chunking.Region]] = {}
-        for region in plan.regions:
-            for chunk_id in chunking.chunk_ids_in(region, chunk_shape):
-                wanted.setdefault(chunk_id, []).append(region)
-        reads = []
-        for chunk_id in wanted:
-            name = chunking.chunk_name(chunk_id)
-            if name not in leaf["chunks"]:
-                raise _corrupt(self.step, leaf["path"], name, "manifest", "chunk missing from manifest")
-            digest, source = leaf["chunks"][name]
-            region = chunking.chunk_region(chunk_id, chunk_shape, plan.shape)
-            reads.append(_ChunkRead(chunk_id, name, region, digest, source))
-
-        def place(chunk_id, data):
-            chunk_region = chunking.chunk_region(chunk_id, chunk_shape, plan.shape)
-            for region in wanted[chunk_id]:
-                key = chunking.region_key(region)
-                if key == chunking.region_key(chunk_region) and key not in plan.buffers:
-                    plan.buffers[key] = data  # aligned: adopt the chunk, no copy
-                    continue
-                overlap = chunking.intersect(region, chunk_region)
-                plan.buffer(region)[chunking.relative(overlap, region)] = data[
-                    chunking.relative(overlap, chunk_region)
-                ]
-
-        self.read_chunks(leaf["array"], leaf["path"], reads, place)
-
-    def read_packed(self, plans: list[_LeafPlan]) -> None:
-        packed = self.manifest["packed"] or {"nbytes": 0, "chunk_bytes": 1, "chunks": {}}
-        chunk = packed["chunk_bytes"]
-        needed = sorted(
-            {
-                i
-                for p in plans
-                for i in range(p.leaf["packed"][0] // chunk, -(-sum(p.leaf["packed"]) // chunk))
-            }
-        )
-        blob = np.empty(packed["nbytes"], np.uint8)
-        reads = []
-        for i in needed:
-            digest, source = packed["chunks"][str(i)]
-            region = (slice(i * chunk, min((i + 1) * chunk, packed["nbytes"])),)
-            reads.append(_ChunkRead(region, str(i), region, digest, source))
-
-        def place(region, data):
-            blob[region] = data
-
-        self.read_chunks(manifest_lib.PACKED_ARRAY, "(packed small leaves)", reads, place)
-        for p in plans:
-            offset, nbytes = p.leaf["packed"]
-            p.buffers[tuple((0, n) for n in p.shape)] = (
-                blob[offset : offset + nbytes].view(p.stored).reshape(p.shape)
-            )
+                done, future, size = inflight.popleft()
+                self._finish(done, future)
+                inflight_bytes -= size
+        for done, future, _ in inflight:
+            self._finish(done, future)
 
 
-def _finish(plan: _LeafPlan) -> Any:
-    """Turns a leaf's host buffers into the target value (dtype cast, device placement)."""
+def _placements(plan: _LeafPlan) -> list[tuple[np.ndarray, Any]]:
+    """(host data, device or sharding) pairs that make up a jax target."""
     target = plan.target
 
     def host(region):
         data = plan.host(region)
         return data if target.dtype is None or target.dtype == data.dtype else data.astype(target.dtype)
 
-    whole = tuple(slice(0, n) for n in plan.shape)
-    if target.kind == "python":
-        value = host(whole).item()
-        return target.py_type(value) if target.py_type else value
-    if target.kind == "numpy":
-        return host(whole)[()] if target.scalar else host(whole)
-    if target.key:
-        keys = jax.random.wrap_key_data(host(whole), impl=plan.leaf["prng_impl"])
-        return keys if target.sharding is None else jax.device_put(keys, target.sharding)
     if target.sharding is None:
-        return jax.device_put(host(whole))
+        return [(host(tuple(slice(0, n) for n in plan.shape)), None)]
     index_map = target.sharding.addressable_devices_indices_map(plan.shape)
-    arrays = [
-        jax.device_put(host(chunking.normalize(index, plan.shape)), device)
-        for device, index in index_map.items()
-    ]
-    return jax.make_array_from_single_device_arrays(plan.shape, target.sharding, arrays)
+    return [(host(chunking.normalize(index, plan.shape)), device) for device, index in index_map.items()]
+
+
+def _finish_host(plan: _LeafPlan) -> Any:
+    """A non-jax target's value: Python scalar, numpy array or scalar, or PRNG key array."""
+    target = plan.target
+    whole = tuple(slice(0, n) for n in plan.shape)
+    data = plan.host(whole)
+    if target.dtype is not None and target.dtype != data.dtype:
+        data = data.astype(target.dtype)
+    if target.kind == "python":
+        return target.py_type(data.item()) if target.py_type else data.item()
+    if target.kind == "numpy":
+        return data[()] if target.scalar else data
+    keys = jax.random.wrap_key_data(data, impl=plan.leaf["prng_impl"])
+    return keys if target.sharding is None else jax.device_put(keys, target.sharding)
+
+
+def finish(plans: list[_LeafPlan]) -> list[Any]:
+    """Every plan's value; all jax placements go through one batched ``jax.device_put`` per kind."""
+    values: list[Any] = [None] * len(plans)
+    on_default, placed = [], []  # (plan index, host) / (plan index, [(host, device)])
+    for i, plan in enumerate(plans):
+        if plan.target.kind != "jax" or plan.target.key:
+            values[i] = _finish_host(plan)
+        elif plan.target.sharding is None:
+            on_default.append((i, _placements(plan)[0][0]))
+        else:
+            placed.append((i, _placements(plan)))
+    if on_default:
+        for (i, _), array in zip(on_default, jax.device_put([h for _, h in on_default])):
+            values[i] = array
+    pairs = [pair for _, leaf_pairs in placed for pair in leaf_pairs]
+    arrays = iter(jax.device_put([h for h, _ in pairs], [d for _, d in pairs]))
+    for i, leaf_pairs in placed:
+        shards = [next(arrays) for _ in leaf_pairs]
+        plan = plans[i]
+        values[i] = jax.make_array_from_single_device_arrays(plan.shape, plan.target.sharding, shards)
+    return values
 
 
 def resolve_step(root: layout.Root, step: int | None) -> int:
@@ -265,13 +322,12 @@ def resolve_step(root: layout.Root, step: int | None) -> int:
 
 def read_plans(root: layout.Root, manifest: dict[str, Any], plans: list[_LeafPlan]) -> Reader:
     """Reads (and verifies) every chunk the plans need; returns the reader for its counters."""
-    reader = Reader(root, manifest)
-    packed = [p for p in plans if "packed" in p.leaf]
-    if packed:
-        reader.read_packed(packed)
+    reads = packed_reads(manifest, [p for p in plans if "packed" in p.leaf])
     for p in plans:
         if "array" in p.leaf:
-            reader.read_leaf(p)
+            reads.extend(p.chunk_reads())
+    reader = Reader(root, manifest)
+    reader.run(reads)
     return reader
 
 
@@ -330,7 +386,7 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None 
         if leaf is not None and leaf["origin"] != "none" and target.kind != "none"
     ]
     read_plans(root, manifest, plans)
-    values = iter(_finish(p) for p in plans)
+    values = iter(finish(plans))
     results = [
         next(values) if leaf is not None and leaf["origin"] != "none" and target.kind != "none" else None
         for leaf, target in targets
