@@ -163,7 +163,8 @@ def _get(key: str, seconds: float, *, step: int | None, what: str, missing: tupl
             who = ", ".join(map(str, missing))
             raise CoordinationTimeoutError(
                 f"{what}: process(es) {who} did not reach {key!r} within {seconds:g} s "
-                f"(a peer died or is stuck; bound: {ENV_TIMEOUT} / jckpt.multihost.set_timeout)",
+                "(it died, is stuck, or never made this call: every process must; "
+                f"bound: {ENV_TIMEOUT} / jckpt.multihost.set_timeout)",
                 step=step,
                 barrier=key,
                 missing=missing,

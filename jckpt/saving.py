@@ -248,6 +248,26 @@ def _resolve_base(root: layout.Root, kind: str, base: int | None) -> dict[str, A
     return root.read_manifest(base)
 
 
+def _check_no_conflicts(step: int, fragments: list[dict[str, Any]]) -> None:
+    """Raises if two processes wrote the same chunk with different bytes.
+
+    That happens only with a process-local (fully addressable) jax array whose
+    value differs between processes: each process holds it whole and writes it.
+    """
+    seen: dict[tuple[str, str], tuple[str, int]] = {}
+    for process, fragment in enumerate(fragments):
+        for path, table in fragment["chunks"].items():
+            for name, (digest, _) in table.items():
+                first = seen.setdefault((path, name), (digest, process))
+                if first[0] != digest:
+                    raise ValueError(
+                        f"step {step}, leaf {path!r}: processes {first[1]} and {process} hold different "
+                        f"values for chunk {name} (a process-local jax.Array?). Under jax.distributed save "
+                        "global arrays (jax.make_array_from_process_local_data) or numpy arrays (process "
+                        "0's value is saved)"
+                    )
+
+
 def _save_multihost(
     root: layout.Root,
     snap: Snapshot,
@@ -296,6 +316,7 @@ def _save_multihost(
                 f"step {step}: process(es) {differ} saved a different tree than process 0 (leaf paths, "
                 "shapes, dtypes or shardings differ); every process must save the same global state"
             )
+        _check_no_conflicts(step, fragments)
         manifest = assemble(
             entries,
             packed_size,

@@ -177,6 +177,12 @@ def mode_errors(a: dict) -> dict:
         jckpt.delete(a["dir"], 99)
     except jckpt.CheckpointNotFoundError as e:
         seen["delete"] = str(e)
+    me = multihost.process_index()
+    local = {"w": jax.numpy.full((300, 256), float(me))}  # process-local, differs: 300 KiB, not packed
+    try:
+        jckpt.save(a["dir"], local, step=3, options=CHUNK)
+    except ValueError as e:
+        seen["local"] = str(e)
     jckpt.save(a["dir"], state, step=2, options=CHUNK)  # the group is still usable
     seen["steps"] = jckpt.all_steps(a["dir"])
     return seen
