@@ -270,6 +270,32 @@ def mode_agree(a: dict) -> dict:
     return {"decisions": decisions, "left": len(left)}
 
 
+def mode_keys(a: dict) -> dict:
+    """Typed PRNG keys, replicated and sharded across processes, restored into global shardings."""
+    m = mesh(a["mesh"])
+    keys = {"one": jax.random.key(3), "many": jax.random.split(jax.random.key(4), 8)}
+    specs = {"one": P(), "many": P("data")}
+    state = {}
+    for name, k in keys.items():
+        data = np.asarray(jax.random.key_data(k))
+        state[name] = jax.make_array_from_callback(
+            k.shape, NamedSharding(m, specs[name]), lambda idx, d=data: jax.random.wrap_key_data(d[idx])
+        )
+    jckpt.save(a["dir"], state, step=0)
+    target = {
+        n: jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=NamedSharding(m, specs[n]))
+        for n, k in keys.items()
+    }
+    restored = jckpt.restore(a["dir"], target)
+    for name, k in keys.items():
+        data = np.asarray(jax.random.key_data(k))
+        got = restored[name]
+        assert got.dtype == k.dtype and got.sharding == target[name].sharding
+        for shard in got.addressable_shards:
+            assert np.asarray(jax.random.key_data(shard.data)).tobytes() == data[shard.index].tobytes()
+    return {"ok": True}
+
+
 MODES = {name[len("mode_") :]: fn for name, fn in globals().items() if name.startswith("mode_")}
 
 

@@ -118,6 +118,16 @@ def test_errors_on_one_process_surface_on_every_process(tmp_path):
         assert r["steps"] == [1, 2]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="restoring._finish_host places typed PRNG keys with jax.device_put, which refuses a "
+    "sharding spanning other processes (fix: jax.make_array_from_callback + wrap_key_data); "
+    "remove this mark once fixed",
+)
+def test_typed_prng_keys_restore_into_global_shardings(tmp_path):
+    run("keys", 2, tmp_path / "g", dir=str(tmp_path / "ckpt"), mesh=[2, 2])
+
+
 def test_sigkill_mid_save_times_out_everywhere_and_commits_nothing(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     out = tmp_path / "crash"
