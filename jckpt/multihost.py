@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jckpt import errors as errors_lib
+from jckpt import storage
 
 ENV_TIMEOUT = "JCKPT_MULTIHOST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -320,6 +321,15 @@ def _rebuild(record: dict[str, Any], *, op: str, step: int | None) -> BaseExcept
 # ---------------------------------------------------------------- operations
 
 
+def _root_id(directory: str) -> str:
+    """The checkpoint root as an absolute location, so "ckpt" and "./ckpt/" name the same operations."""
+    try:
+        spec = storage.kvstore_spec(directory)
+    except ValueError:
+        return directory
+    return f"{spec['driver']}:{spec['path']}"
+
+
 def _slug(text: str) -> str:
     return format(zlib.crc32(text.encode()), "08x")
 
@@ -334,7 +344,7 @@ class Operation:
 
     Args:
       op: what is done ("save", "delete").
-      directory: the checkpoint root (all processes must name it the same way).
+      directory: the checkpoint root (every process must name the same location).
       step: the step (named in every error).
       timeout_s: bound on each wait for peers (default: :func:`timeout`).
     """
@@ -344,7 +354,7 @@ class Operation:
         self.multi = is_multihost()
         self.primary = is_primary()
         self.timeout_s = timeout() if timeout_s is None else timeout_s
-        family = (op, directory.rstrip("/"), step)
+        family = (op, _root_id(directory), step)
         with _counters_lock:
             n = next(_counters.setdefault(family, itertools.count()))
         self.name = f"{op}/{_slug(family[1])}/{step}/{n}"
