@@ -209,6 +209,7 @@ def mode_crash(a: dict) -> dict:
             time.sleep(600)  # the parent kills us here
 
         saving.write_fragment = write_then_stall
+    multihost.set_timeout(a["short"])  # the bound the survivors must meet
     started = time.perf_counter()
     try:
         jckpt.save(a["dir"], build(global_values(1), a["mesh"]), step=2, options=CHUNK)

@@ -22,7 +22,8 @@ import jckpt
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
-TIMEOUT_S = 4.0  # JCKPT_MULTIHOST_TIMEOUT inside the groups
+TIMEOUT_S = 4.0  # jckpt.multihost.set_timeout for the save during which a process is killed
+RELAXED_S = 60.0  # JCKPT_MULTIHOST_TIMEOUT otherwise (a loaded CI machine must not fail a test)
 
 
 def _free_port() -> int:
@@ -31,18 +32,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
+def _env(timeout_s: float = RELAXED_S) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JCKPT_MULTIHOST_TIMEOUT=str(TIMEOUT_S),
+        JCKPT_MULTIHOST_TIMEOUT=str(timeout_s),
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
-def _spawn(mode: str, n: int, out: Path, **args) -> list[subprocess.Popen]:
+def _spawn(mode: str, n: int, out: Path, timeout_s: float = RELAXED_S, **args) -> list[subprocess.Popen]:
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
@@ -51,7 +52,7 @@ def _spawn(mode: str, n: int, out: Path, **args) -> list[subprocess.Popen]:
         log = open(out / f"{mode}_{pid}.log", "w")
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), json.dumps(spec)], env=_env(), stdout=log, stderr=log
+                [sys.executable, str(WORKER), json.dumps(spec)], env=_env(timeout_s), stdout=log, stderr=log
             )
         )
     return procs
@@ -132,7 +133,7 @@ def test_sigkill_mid_save_times_out_everywhere_and_commits_nothing(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     out = tmp_path / "crash"
     victim = 2
-    procs = _spawn("crash", 4, out, dir=ckpt, mesh=[2, 4], victim=victim, heartbeat=60)
+    procs = _spawn("crash", 4, out, dir=ckpt, mesh=[2, 4], victim=victim, heartbeat=60, short=TIMEOUT_S)
     try:
         deadline = time.monotonic() + 120
         while not (out / "victim_wrote").exists():
