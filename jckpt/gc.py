@@ -40,6 +40,19 @@ def discard(root: layout.Root, data_dir: str) -> None:
         pass
 
 
+def _remove_stale_manifest_locks(root: layout.Root, committed: set[str]) -> None:
+    """Deletes the half-written manifests of killed commits (local roots) and their empty step dirs."""
+    path = storage.local_path(root.spec)
+    if path is None or not os.path.isdir(path):
+        return
+    for entry in os.scandir(path):
+        if entry.name not in committed and layout.parse_step_dir(entry.name) is not None:
+            lock = os.path.join(entry.path, layout.MANIFEST + storage.LOCK_SUFFIX)
+            if os.path.exists(lock):
+                os.unlink(lock)
+                storage.prune_empty_dirs(root.spec, entry.name)
+
+
 def remove_uncommitted(root: layout.Root) -> list[str]:
     """Deletes leftover data directories of saves that never committed.
 
@@ -54,6 +67,7 @@ def remove_uncommitted(root: layout.Root) -> list[str]:
     for data_dir in _data_dirs_on_disk(root):
         by_step.setdefault(data_dir.split("/")[0], []).append(data_dir)
     committed = {layout.step_dir(s) for s in root.committed_steps()}
+    _remove_stale_manifest_locks(root, committed)
     candidates = {d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs}
     if not candidates:
         return []

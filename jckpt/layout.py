@@ -18,6 +18,7 @@ Everything here is relative to ROOT: a root can be moved or copied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,12 @@ from typing import Any
 import tensorstore as ts
 
 from jckpt import storage
-from jckpt.errors import CheckpointNotFoundError, NotACheckpointRootError, UnsupportedFormatError
+from jckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointRootError,
+    UnsupportedFormatError,
+)
 
 FORMAT = "jckpt"
 VERSION = 1
@@ -72,7 +78,17 @@ class Root:
         return result.value if result.state == "value" else None
 
     def write(self, key: str, value: bytes) -> None:
-        """Atomically and durably writes one key (file: temp file, fsync, rename, fsync dir)."""
+        """Atomically and durably writes one key (file: temp file, fsync, rename, fsync dir).
+
+        Tensorstore's file kvstore writes ``<key>.__lock`` and renames it into
+        place, but reuses a stale lock file left by a killed writer without
+        truncating it, so its old tail would end up in the new value.  Such a
+        leftover is removed first (one writer per root, see docs/format.md).
+        """
+        path = storage.local_path(self.spec)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, key + storage.LOCK_SUFFIX))
         self.kv.write(key, value).result()
 
     def delete(self, *keys: str) -> None:
@@ -91,7 +107,7 @@ class Root:
             keys = self.kv.list(ts.KvStore.KeyRange(prefix, end)).result()
         else:
             keys = self.kv.list().result()
-        return [k.decode() for k in keys if not k.endswith(b".__lock")]
+        return [k.decode() for k in keys if not k.decode().endswith(storage.LOCK_SUFFIX)]
 
     # -- the root marker ------------------------------------------------------
     def exists(self) -> bool:
@@ -151,8 +167,12 @@ class Root:
                 f"no committed checkpoint for step {step} at {self.directory!r}"
                 f" (committed: {self.committed_steps()})"
             )
-        manifest = json.loads(raw)
-        check_format(manifest, where=os.path.join(self.directory, manifest_key(step)))
+        where = os.path.join(self.directory, manifest_key(step))
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"step {step}: manifest {where} is not valid JSON: {e}") from e
+        check_format(manifest, where=where)
         return manifest
 
 

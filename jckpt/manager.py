@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import jckpt
+from jckpt import multihost
 from jckpt import policy as P
 from jckpt.errors import CheckpointSaveError
 
@@ -173,9 +174,13 @@ class CheckpointManager:
             return False
         event = P.Event(step, float(self._clock()), metrics, preempted)
         decision = P.decide(self._policy, self._state, event)
-        if not (decision.save or preempted):
+        # Under jax.distributed, process 0 decides for everyone (clocks and signals differ per host).
+        save_now, kind, preempted = multihost.agree(
+            "manager/maybe_save", [bool(decision.save or preempted), decision.kind, preempted]
+        )
+        if not save_now:
             return False
-        self._save(event, state, decision.kind, metadata)
+        self._save(event._replace(preempted=preempted), state, kind, metadata)
         if preempted:
             self._preempted = False
             self._stop = True
@@ -289,7 +294,9 @@ class CheckpointManager:
             if not keep & {i.step for i in self._history}:
                 keep.add(self._history[-1].step)  # never delete the only restorable one
             doomed = [i.step for i in self._history if i.step not in keep]
-            self._history = [i for i in self._history if i.step in keep]
+        doomed = multihost.agree("manager/retain", doomed)  # process 0's choice, outside the lock
+        with self._lock:
+            self._history = [i for i in self._history if i.step not in doomed]
         for step in doomed:
             jckpt.delete(self._directory, step)
 

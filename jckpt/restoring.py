@@ -283,8 +283,13 @@ def _finish_host(plan: _LeafPlan) -> Any:
         return target.py_type(data.item()) if target.py_type else data.item()
     if target.kind == "numpy":
         return data[()] if target.scalar else data
-    keys = jax.random.wrap_key_data(data, impl=plan.leaf["prng_impl"])
-    return keys if target.sharding is None else jax.device_put(keys, target.sharding)
+    impl = plan.leaf["prng_impl"]
+    if target.sharding is None:
+        return jax.random.wrap_key_data(data, impl=impl)
+    key_shape = jax.eval_shape(lambda: jax.random.wrap_key_data(data, impl=impl)).shape
+    return jax.make_array_from_callback(  # works for shardings that span processes
+        key_shape, target.sharding, lambda index: jax.random.wrap_key_data(data[index], impl=impl)
+    )
 
 
 def finish(plans: list[_LeafPlan]) -> list[Any]:

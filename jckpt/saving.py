@@ -268,30 +268,43 @@ def _check_no_conflicts(step: int, fragments: list[dict[str, Any]]) -> None:
                     )
 
 
-def _save_multihost(
-    root: layout.Root,
+def save_snapshot(
+    directory: str | os.PathLike,
     snap: Snapshot,
+    *,
     step: int,
-    metrics: Any,
-    metadata: Any,
-    kind: str,
-    base: int | None,
-    options: SaveOptions,
-    created: float | None,
-    started: float,
+    metrics: dict | None = None,
+    metadata: dict | None = None,
+    kind: str = "full",
+    base: int | None = None,
+    options: SaveOptions | None = None,
+    created: float | None = None,
 ) -> manifest_lib.CheckpointInfo:
-    """save_snapshot under jax.distributed (see docs/multihost.md).
+    """Writes a snapshot as committed step ``step``.  Safe to call from a background thread.
 
-    Process 0 validates, cleans up and picks the data directory and the base
-    step; every process writes its fragment; process 0 assembles and commits.
+    See :func:`save` for the arguments.  ``created`` overrides the commit time
+    recorded in the manifest (the manager passes its injected clock).
+
+    Under ``jax.distributed`` (docs/multihost.md) process 0 validates, cleans
+    up and picks the data directory and the base step; every process writes
+    its fragment; process 0 checks the fragments, assembles and commits.  In a
+    single process the same steps run in place.
     """
+    started = time.perf_counter()
+    options = options or SaveOptions()
+    metrics = manifest_lib.to_json(metrics, "metrics")
+    metadata = manifest_lib.to_json(metadata, "metadata")
+    step = int(step)
+    root = layout.Root(directory)
     op = multihost.Operation("save", root.directory, step)
+    base_on_primary: dict[str, Any] = {}  # the base manifest process 0 already read
 
     def prepare() -> list:
         root.ensure()
         if step in root.committed_steps():
             raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
         base_manifest = _resolve_base(root, kind, base)
+        base_on_primary["manifest"] = base_manifest
         gc.remove_uncommitted(root)
         return [layout.new_data_dir(step), base_manifest["step"] if base_manifest is not None else None]
 
@@ -300,7 +313,10 @@ def _save_multihost(
 
     def write() -> dict[str, Any]:
         try:
-            base_manifest = root.read_manifest(base_step) if base_step is not None else None
+            if "manifest" in base_on_primary:
+                base_manifest = base_on_primary["manifest"]
+            else:
+                base_manifest = root.read_manifest(base_step) if base_step is not None else None
             fragment = write_fragment(root, data_dir, snap, entries, packed_size, options, base_manifest)
             return {**fragment, "plan": xxhash.xxh3_64_hexdigest(manifest_lib.encode(entries))}
         except BaseException as e:
@@ -336,64 +352,6 @@ def _save_multihost(
 
     info = op.all_then_primary("write", write, commit, lambda: gc.discard(root, data_dir))
     return manifest_lib.CheckpointInfo(**info)
-
-
-def save_snapshot(
-    directory: str | os.PathLike,
-    snap: Snapshot,
-    *,
-    step: int,
-    metrics: dict | None = None,
-    metadata: dict | None = None,
-    kind: str = "full",
-    base: int | None = None,
-    options: SaveOptions | None = None,
-    created: float | None = None,
-) -> manifest_lib.CheckpointInfo:
-    """Writes a snapshot as committed step ``step``.  Safe to call from a background thread.
-
-    See :func:`save` for the arguments.  ``created`` overrides the commit time
-    recorded in the manifest (the manager passes its injected clock).
-    """
-    started = time.perf_counter()
-    options = options or SaveOptions()
-    metrics = manifest_lib.to_json(metrics, "metrics")
-    metadata = manifest_lib.to_json(metadata, "metadata")
-    step = int(step)
-    root = layout.Root(directory)
-    if multihost.is_multihost():
-        return _save_multihost(root, snap, step, metrics, metadata, kind, base, options, created, started)
-    root.ensure()
-    if step in root.committed_steps():
-        raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
-    base_manifest = _resolve_base(root, kind, base)
-    gc.remove_uncommitted(root)
-    entries, packed_size = plan(snap, options)
-    data_dir = layout.new_data_dir(step)
-    try:
-        fragment = write_fragment(root, data_dir, snap, entries, packed_size, options, base_manifest)
-        manifest = assemble(
-            entries,
-            packed_size,
-            [fragment],
-            step=step,
-            kind="incremental" if base_manifest is not None else "full",
-            options=options,
-            metrics=metrics,
-            metadata=metadata,
-            base_step=base_manifest["step"] if base_manifest is not None else None,
-            data_dir=data_dir,
-        )
-        manifest["created"] = time.time() if created is None else created
-        manifest["save_seconds"] = time.perf_counter() - started
-        root.write(layout.manifest_key(step), manifest_lib.encode(manifest))
-    except BaseException as e:
-        gc.discard(root, data_dir)
-        error = storage.as_os_error(e)
-        if error is e:
-            raise
-        raise error from e
-    return manifest_lib.info_of(manifest)
 
 
 def save(

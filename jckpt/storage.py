@@ -106,6 +106,9 @@ def open_kvstore(spec: dict[str, Any], ctx: ts.Context | None = None) -> ts.KvSt
     return ts.KvStore.open(spec, context=ctx).result()
 
 
+# The file kvstore writes each key to ``<key>.__lock`` and then renames it into place.
+LOCK_SUFFIX = ".__lock"
+
 _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 
 

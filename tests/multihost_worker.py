@@ -266,6 +266,23 @@ def mode_manager(a: dict) -> dict:
     return {"saved": saved, "kept": kept, "on_disk": jckpt.all_steps(a["dir"]), "checked": checked}
 
 
+def mode_manager_skewed_clocks(a: dict) -> dict:
+    """A time-based policy with clocks that run at different rates per process: process 0 decides."""
+    from jckpt import policy
+
+    now = {"t": 0.0}
+    rate = 4.0 if multihost.process_index() == 0 else 7.0  # seconds per step, different per host
+    values = global_values()
+    saved = []
+    with jckpt.CheckpointManager(a["dir"], policy=policy.every_n_seconds(10), clock=lambda: now["t"]) as mngr:
+        for step in range(10):
+            now["t"] = step * rate
+            if mngr.maybe_save(step, build(values, a["mesh"])):
+                saved.append(step)
+        mngr.wait()
+    return {"saved": saved, "on_disk": jckpt.all_steps(a["dir"])}
+
+
 def mode_agree(a: dict) -> dict:
     """Every process gets process 0's decision; the service's store does not grow."""
     me = multihost.process_index()

@@ -164,3 +164,31 @@ def test_leftovers_of_a_failed_save_are_invisible_and_cleaned(tmp_path):
     jckpt.save(tmp_path, _state(2.0), step=2)
     assert not (tmp_path / layout.step_dir(1)).exists()
     assert jckpt.all_steps(tmp_path) == [0, 2]
+
+
+def test_a_stale_lock_file_from_a_killed_commit_does_not_corrupt_the_next(tmp_path):
+    """A writer killed while writing the manifest leaves manifest.json.__lock behind.
+
+    Tensorstore reuses such a file without truncating it; the commit must not inherit its tail.
+    """
+    stale = tmp_path / layout.step_dir(3) / (layout.MANIFEST + ".__lock")
+    jckpt.save(tmp_path, _state(), step=0)
+    stale.parent.mkdir()
+    stale.write_bytes(b"x" * 100_000)  # longer than the real manifest
+    jckpt.save(tmp_path, _state(2.0), step=3)
+    assert jckpt.restore(tmp_path, step=3)["params"]["b"].tolist() == [2.0] * 4
+    assert not stale.exists()
+    # a killed commit of a step that is never saved again: the next save removes its leftovers
+    other = tmp_path / layout.step_dir(5) / (layout.MANIFEST + ".__lock")
+    other.parent.mkdir()
+    other.write_bytes(b"{")
+    jckpt.save(tmp_path, _state(), step=6)
+    assert not other.parent.exists()
+
+
+def test_an_unparsable_manifest_is_corruption(tmp_path):
+    jckpt.save(tmp_path, _state(), step=0)
+    with open(tmp_path / layout.manifest_key(0), "ab") as f:
+        f.write(b"}9}")
+    with pytest.raises(jckpt.CorruptCheckpointError, match="step 0: manifest .* not valid JSON"):
+        jckpt.restore(tmp_path)

@@ -119,12 +119,6 @@ def test_errors_on_one_process_surface_on_every_process(tmp_path):
         assert r["steps"] == [1, 2, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="restoring._finish_host places typed PRNG keys with jax.device_put, which refuses a "
-    "sharding spanning other processes (fix: jax.make_array_from_callback + wrap_key_data); "
-    "remove this mark once fixed",
-)
 def test_typed_prng_keys_restore_into_global_shardings(tmp_path):
     run("keys", 2, tmp_path / "g", dir=str(tmp_path / "ckpt"), mesh=[2, 2])
 
@@ -188,6 +182,13 @@ def test_manager_async_keep_last_across_two_processes(tmp_path):
     assert jckpt.all_steps(ckpt) == [6, 8]
     names = sorted(p.name for p in Path(ckpt).iterdir() if p.name.startswith("step_"))
     assert names == ["step_00000006", "step_00000008"]  # deleted once, nothing left behind
+
+
+def test_manager_decisions_are_made_once_on_process_zero(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    results = run("manager_skewed_clocks", 2, tmp_path / "g", dir=ckpt, mesh=[2, 2])
+    for r in results:  # process 0's clock (4 s a step) decides: saves every 3 steps
+        assert r["saved"] == [0, 3, 6, 9] and r["on_disk"] == [0, 3, 6, 9]
 
 
 def test_agree_gives_every_process_the_decision_of_process_zero(tmp_path):
