@@ -82,12 +82,19 @@ def _base_chunks(base: dict[str, Any] | None) -> dict[str, tuple[dict, tuple]]:
 
 
 class _Writer:
-    """Hashes chunks, skips those the base already holds, writes the rest with bounded memory."""
+    """Hashes chunks, skips those the base already holds, writes the rest with bounded memory.
+
+    Writes start while later arrays are still being hashed: after each array,
+    every queued array whose tensorstore open has finished gets its writes
+    issued, so hashing overlaps the I/O.
+    """
 
     def __init__(self, root: layout.Root, data_dir: str, options: SaveOptions, base: dict | None):
         self.root, self.data_dir, self.options = root, data_dir, options
         self.base = _base_chunks(base)
-        self.pending: list[tuple[ts.Future, list[tuple[chunking.Region, np.ndarray]]]] = []
+        self.opening: collections.deque = collections.deque()  # (open future, [(region, data)])
+        self.inflight: collections.deque = collections.deque()  # (write future, nbytes)
+        self.inflight_bytes = 0
         self.bytes_written = 0
 
     def add_array(self, key: str, shape, dtype: str, chunk_shape, pieces, compat) -> dict:
@@ -110,26 +117,31 @@ class _Writer:
         if writes:
             kv = storage.join(self.root.spec, f"{self.data_dir}/{key}")
             spec = storage.zarr3_spec(kv, shape, dtype, chunk_shape, self.options.compression)
-            self.pending.append((ts.open(spec, open=True, create=True, context=self.root.ctx), writes))
+            self.opening.append((ts.open(spec, open=True, create=True, context=self.root.ctx), writes))
+        self._issue(wait=False)
         return table
 
-    def flush(self) -> None:
-        """Writes every queued chunk; at most ``max_inflight_bytes`` are in flight."""
-        inflight: collections.deque = collections.deque()
-        inflight_bytes = 0
-        for opening, writes in self.pending:
+    def _issue(self, wait: bool) -> None:
+        """Issues the writes of opened arrays (of all queued ones if ``wait``)."""
+        while self.opening and (wait or self.opening[0][0].done()):
+            opening, writes = self.opening.popleft()
             store = opening.result()
             for region, data in writes:
                 future = store[region].write(data, can_reference_source_data_indefinitely=True)
-                inflight.append((future, data.nbytes))
-                inflight_bytes += data.nbytes
+                self.inflight.append((future, data.nbytes))
+                self.inflight_bytes += data.nbytes
                 self.bytes_written += data.nbytes
-                while inflight_bytes > self.options.max_inflight_bytes:
-                    done, nbytes = inflight.popleft()
+                while self.inflight_bytes > self.options.max_inflight_bytes:
+                    done, nbytes = self.inflight.popleft()
                     done.result()
-                    inflight_bytes -= nbytes
-        for future, _ in inflight:
-            future.result()
+                    self.inflight_bytes -= nbytes
+
+    def flush(self) -> None:
+        """Writes every queued chunk and waits until all are durable."""
+        self._issue(wait=True)
+        while self.inflight:
+            self.inflight.popleft()[0].result()
+        self.inflight_bytes = 0
 
 
 def _shard_pieces(leaf: LeafSnapshot, chunk_shape):
