@@ -57,7 +57,7 @@ def verify(directory: str | os.PathLike, step: int | None = None) -> manifest_li
     """
     root, manifest = _manifest(directory, step)
     plans = [
-        restore_lib._LeafPlan(leaf, restore_lib.Target("numpy", None, None))
+        restore_lib.LeafPlan(leaf, restore_lib.Target("numpy", None, None))
         for leaf in manifest["leaves"]
         if leaf["origin"] != "none"
     ]

@@ -28,7 +28,8 @@ class CheckpointInfo(NamedTuple):
       kind: "full" or "incremental".
       metrics: the metrics saved with it (or None).
       metadata: the user metadata saved with it (or None).
-      bytes_written: bytes of array data this save wrote (uncompressed).
+      bytes_written: bytes of array data this save wrote (uncompressed; small leaves are
+        packed with 64-byte alignment, so a full save may write a little over bytes_total).
       bytes_total: logical size of every array in the checkpoint.
       created: commit time, seconds since the epoch.
       save_seconds: wall time of the save (hash, write, commit).

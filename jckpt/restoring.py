@@ -88,7 +88,7 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-class _LeafPlan:
+class LeafPlan:
     """Target regions of one leaf and the host buffers they are read into."""
 
     def __init__(self, leaf: dict[str, Any], target: Target):
@@ -161,7 +161,7 @@ class _LeafPlan:
         return copy
 
 
-def packed_reads(manifest: dict[str, Any], plans: list[_LeafPlan]) -> list[_ChunkRead]:
+def packed_reads(manifest: dict[str, Any], plans: list[LeafPlan]) -> list[_ChunkRead]:
     """Reads of the packed-blob chunks the plans need; points each plan's buffer into the blob."""
     packed = manifest["packed"] or {"nbytes": 0, "chunk_bytes": 1, "chunks": {}}
     chunk, nbytes = packed["chunk_bytes"], packed["nbytes"]
@@ -258,7 +258,7 @@ class Reader:
             self._finish(done, future)
 
 
-def _placements(plan: _LeafPlan) -> list[tuple[np.ndarray, Any]]:
+def _placements(plan: LeafPlan) -> list[tuple[np.ndarray, Any]]:
     """(host data, device or sharding) pairs that make up a jax target."""
     target = plan.target
 
@@ -272,7 +272,7 @@ def _placements(plan: _LeafPlan) -> list[tuple[np.ndarray, Any]]:
     return [(host(chunking.normalize(index, plan.shape)), device) for device, index in index_map.items()]
 
 
-def _finish_host(plan: _LeafPlan) -> Any:
+def _finish_host(plan: LeafPlan) -> Any:
     """A non-jax target's value: Python scalar, numpy array or scalar, or PRNG key array."""
     target = plan.target
     whole = tuple(slice(0, n) for n in plan.shape)
@@ -292,7 +292,7 @@ def _finish_host(plan: _LeafPlan) -> Any:
     )
 
 
-def finish(plans: list[_LeafPlan]) -> list[Any]:
+def finish(plans: list[LeafPlan]) -> list[Any]:
     """Every plan's value; all jax placements go through one batched ``jax.device_put`` per kind."""
     values: list[Any] = [None] * len(plans)
     on_default, placed = [], []  # (plan index, host) / (plan index, [(host, device)])
@@ -325,7 +325,7 @@ def resolve_step(root: layout.Root, step: int | None) -> int:
     return steps[-1]
 
 
-def read_plans(root: layout.Root, manifest: dict[str, Any], plans: list[_LeafPlan]) -> Reader:
+def read_plans(root: layout.Root, manifest: dict[str, Any], plans: list[LeafPlan]) -> Reader:
     """Reads (and verifies) every chunk the plans need; returns the reader for its counters."""
     reads = packed_reads(manifest, [p for p in plans if "packed" in p.leaf])
     for p in plans:
@@ -386,7 +386,7 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None 
             for path, _, like_leaf in flat
         ]
     plans = [
-        _LeafPlan(leaf, target)
+        LeafPlan(leaf, target)
         for leaf, target in targets
         if leaf is not None and leaf["origin"] != "none" and target.kind != "none"
     ]

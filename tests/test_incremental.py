@@ -110,7 +110,7 @@ def test_a_chain_restores_in_one_pass_after_deleting_the_middle(tmp_path):
     from jckpt import restoring
 
     manifest = _manifest(tmp_path, 5)
-    plans = [restoring._LeafPlan(leaf, restoring.Target("numpy", None, None)) for leaf in manifest["leaves"]]
+    plans = [restoring.LeafPlan(leaf, restoring.Target("numpy", None, None)) for leaf in manifest["leaves"]]
     reader = restoring.read_plans(layout.Root(tmp_path), manifest, plans)
     assert (
         reader.bytes_read

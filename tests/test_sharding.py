@@ -101,7 +101,7 @@ def test_each_device_reads_only_its_region(tmp_path):
     from jckpt import restoring as restore_lib
 
     target = restore_lib.Target("jax", None, NamedSharding(_mesh((2, 4)), P("x", None)))
-    plan = restore_lib._LeafPlan(leaf, target)
+    plan = restore_lib.LeafPlan(leaf, target)
     assert len(plan.regions) == 2  # two distinct row blocks (replicated over "y")
     root = jckpt.layout.Root(tmp_path)
     reader = restore_lib.read_plans(root, root.read_manifest(0), [plan])
