@@ -47,6 +47,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from jckpt import policy as P
+from jckpt import storage
+from jckpt.saving import SaveOptions
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -109,7 +113,6 @@ class KeepBestConfig:
             raise _invalid("n", f"must be >= 1, got {self.n}")
 
 
-COMPRESSIONS = (None, "zstd", "blosc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +163,11 @@ class CheckpointConfig:
             raise _invalid("every_n_seconds", f"must be > 0 or null, got {self.every_n_seconds}")
         if self.full_every < 1:
             raise _invalid("full_every", f"must be >= 1, got {self.full_every}")
-        if self.compression not in COMPRESSIONS:
-            raise _invalid("compression", f"must be one of null, zstd, blosc; got {self.compression!r}")
+        if self.compression not in storage.COMPRESSION_CODECS:
+            names = ", ".join(str(c) if c else "null" for c in storage.COMPRESSION_CODECS)
+            raise _invalid("compression", f"must be one of {names}; got {self.compression!r}")
 
-    def policy(self) -> Any:
+    def policy(self) -> P.Policy:
         """The ``jckpt.policy.Policy`` these settings describe (save, kind and retention rules).
 
         Example::
@@ -171,8 +175,6 @@ class CheckpointConfig:
             CheckpointConfig(every_n_steps=100, keep_last=3).policy()
             # == policy.combine(policy.every_n_steps(100), policy.keep_last(3))
         """
-        from jckpt import policy as P  # noqa: N812  (optax-style alias)
-
         rules = []
         if self.every_n_steps is not None:
             rules.append(P.every_n_steps(self.every_n_steps))
@@ -189,10 +191,8 @@ class CheckpointConfig:
             rules.append(P.keep_best(best.metric, mode=best.mode, n=best.n))
         return P.combine(*rules)
 
-    def save_options(self) -> Any:
+    def save_options(self) -> SaveOptions:
         """The ``jckpt.SaveOptions`` of these settings (compression)."""
-        from jckpt.saving import SaveOptions
-
         return SaveOptions(compression=self.compression)
 
 
