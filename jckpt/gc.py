@@ -18,17 +18,18 @@ def _manifests(root: layout.Root) -> list[dict]:
     return [root.read_manifest(step) for step in root.committed_steps()]
 
 
+def _local_step_dirs(path: str) -> list[os.DirEntry]:
+    """The ``step_*`` directories of a local root."""
+    if not os.path.isdir(path):
+        return []
+    return [e for e in os.scandir(path) if e.is_dir() and layout.parse_step_dir(e.name) is not None]
+
+
 def _data_dirs_on_disk(root: layout.Root) -> set[str]:
     path = storage.local_path(root.spec)
     if path is None:
         return {"/".join(k.split("/")[:2]) for k in root.list("step_") if k.count("/") >= 2}
-    found = set()
-    if not os.path.isdir(path):
-        return found
-    for entry in os.scandir(path):
-        if entry.is_dir() and layout.parse_step_dir(entry.name) is not None:
-            found.update(f"{entry.name}/{d.name}" for d in os.scandir(entry.path) if d.is_dir())
-    return found
+    return {f"{e.name}/{d.name}" for e in _local_step_dirs(path) for d in os.scandir(e.path) if d.is_dir()}
 
 
 def discard(root: layout.Root, data_dir: str) -> None:
@@ -43,10 +44,10 @@ def discard(root: layout.Root, data_dir: str) -> None:
 def _remove_stale_manifest_locks(root: layout.Root, committed: set[str]) -> None:
     """Deletes the half-written manifests of killed commits (local roots) and their empty step dirs."""
     path = storage.local_path(root.spec)
-    if path is None or not os.path.isdir(path):
+    if path is None:
         return
-    for entry in os.scandir(path):
-        if entry.name not in committed and layout.parse_step_dir(entry.name) is not None:
+    for entry in _local_step_dirs(path):
+        if entry.name not in committed:
             lock = os.path.join(entry.path, layout.MANIFEST + storage.LOCK_SUFFIX)
             if os.path.exists(lock):
                 os.unlink(lock)
