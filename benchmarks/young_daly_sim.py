@@ -73,19 +73,25 @@ def simulate_job(policy, *, work, dt, failures, costs, restarts, rng) -> dict:
     next_failure = next(fail_iter)
     saving = lost = restarting = 0.0
     saves = 0
+
+    def fail() -> None:
+        """The failure at ``next_failure``: restart from the last committed checkpoint."""
+        nonlocal t, step, state, next_failure, restarting
+        t = next_failure
+        r = float(rng.choice(restarts))
+        t += r
+        restarting += r
+        step = history[-1].step if history else 0
+        state = P.resume(policy, history)
+        next_failure = next(fail_iter)
+        while next_failure <= t:  # failures during the restart only delay it
+            next_failure = next(fail_iter)
+
     while step < total_steps:
         if t + dt >= next_failure:  # fails mid-step
             done = step - (history[-1].step if history else 0)
             lost += done * dt + (next_failure - t)
-            t = next_failure
-            r = float(rng.choice(restarts))
-            t += r
-            restarting += r
-            step = history[-1].step if history else 0
-            state = P.resume(policy, history)
-            next_failure = next(fail_iter)
-            while next_failure <= t:  # failures during the restart only delay it
-                next_failure = next(fail_iter)
+            fail()
             continue
         t += dt
         step += 1
@@ -96,15 +102,7 @@ def simulate_job(policy, *, work, dt, failures, costs, restarts, rng) -> dict:
         if t + c >= next_failure:  # fails while saving: the save never commits
             saving += next_failure - t
             lost += (step - (history[-1].step if history else 0)) * dt
-            t = next_failure
-            r = float(rng.choice(restarts))
-            t += r
-            restarting += r
-            step = history[-1].step if history else 0
-            state = P.resume(policy, history)
-            next_failure = next(fail_iter)
-            while next_failure <= t:
-                next_failure = next(fail_iter)
+            fail()
             continue
         record = P.Saved(step, metadata=P.save_metadata(state, event), created=t, save_seconds=c)
         t += c
