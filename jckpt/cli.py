@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 import jckpt
-from jckpt import gc, layout
+from jckpt import gc, layout, restoring
 
 
 def _size(nbytes: int) -> str:
@@ -64,7 +64,7 @@ def _info(args) -> None:
             leaf["path"],
             leaf.get("dtype", "None"),
             leaf.get("shape", ""),
-            "packed" if "packed" in leaf else len(leaf.get("chunks", {})),
+            "packed" if "packed" in leaf or "shards" in leaf else len(leaf.get("chunks", {})),
         ]
         for leaf in manifest["leaves"]
     ]
@@ -78,26 +78,27 @@ def _verify(args) -> None:
         print(f"step {step}: ok")
 
 
-def _leaf_digests(root: layout.Root, step: int) -> dict[str, object]:
+def _leaf_fingerprints(root: layout.Root, step: int) -> dict[str, object]:
+    """Per leaf something equal iff its bytes are: chunk hashes, or the bytes of small packed leaves."""
     manifest = root.read_manifest(step)
-    packed = (manifest.get("packed") or {}).get("chunks", {})
-    digests = {}
+    small = [
+        restoring.LeafPlan(leaf, restoring.Target("numpy", None, None))
+        for leaf in manifest["leaves"]
+        if "packed" in leaf or "shards" in leaf
+    ]
+    restoring.read_plans(root, manifest, small)  # small by definition: read and compared exactly
+    prints: dict[str, object] = {p.leaf["path"]: p.host(p.regions[0]).tobytes() for p in small}
     for leaf in manifest["leaves"]:
         if "chunks" in leaf:
-            digests[leaf["path"]] = sorted((k, v[0]) for k, v in leaf["chunks"].items())
-        else:  # packed / None leaves: compare their metadata and the blob chunks they span
-            digests[leaf["path"]] = (
-                leaf.get("dtype"),
-                leaf.get("shape"),
-                leaf.get("packed"),
-                sorted(v[0] for v in packed.values()),
-            )
-    return digests
+            prints[leaf["path"]] = sorted((name, digest) for name, (digest, _) in leaf["chunks"].items())
+        prints.setdefault(leaf["path"], None)
+        prints[leaf["path"]] = (leaf.get("dtype"), leaf.get("shape"), prints[leaf["path"]])
+    return prints
 
 
 def _diff(args) -> None:
     root = layout.Root(args.root)
-    a, b = _leaf_digests(root, args.a), _leaf_digests(root, args.b)
+    a, b = _leaf_fingerprints(root, args.a), _leaf_fingerprints(root, args.b)
     rows = [[path, "only in " + str(args.a if path in a else args.b)] for path in sorted(a.keys() ^ b.keys())]
     rows += [[path, "differs"] for path in sorted(a.keys() & b.keys()) if a[path] != b[path]]
     print(tabulate(rows, headers=["leaf", f"step {args.a} vs {args.b}"]) if rows else "identical")

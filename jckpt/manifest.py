@@ -90,12 +90,19 @@ def leaf_nbytes(leaf: dict[str, Any]) -> int:
     return np.dtype(leaf["stored_dtype"]).itemsize * math.prod(leaf["shape"])
 
 
+def blobs(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every packed blob of a manifest by array name: process 0's ``packed`` and per-process ones."""
+    out = dict(manifest.get("blobs") or {})
+    if manifest.get("packed"):
+        out[PACKED_ARRAY] = manifest["packed"]
+    return out
+
+
 def referenced_keys(manifest: dict[str, Any]) -> set[str]:
     """Every key under the root this manifest needs (its own manifest included)."""
     keys = {layout.manifest_key(manifest["step"])}
     arrays = [(leaf["array"], leaf["chunks"]) for leaf in array_leaves(manifest)]
-    if manifest.get("packed"):
-        arrays.append((PACKED_ARRAY, manifest["packed"]["chunks"]))
+    arrays += [(name, blob["chunks"]) for name, blob in blobs(manifest).items()]
     for array, chunks in arrays:
         for name, (_, source) in chunks.items():
             keys.add(f"{source}/{array}/zarr.json")

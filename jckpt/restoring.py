@@ -126,6 +126,45 @@ class LeafPlan:
         logical = np.dtype(self.leaf["dtype"])
         return data if logical == self.stored else data.view(logical)
 
+    def _stored_shards(self) -> list[tuple[chunking.Region, str, int, int]]:
+        """(region, blob, offset, nbytes) of each stored shard of a leaf packed per process."""
+        return [
+            (tuple(slice(a, b) for a, b in shard["region"]), shard["blob"], *shard["at"])
+            for shard in self.leaf["shards"]
+        ]
+
+    def blob_ranges(self) -> list[tuple[str, int, int]]:
+        """The (blob, offset, nbytes) byte ranges this leaf needs from packed blobs."""
+        if "packed" in self.leaf:
+            offset, nbytes = self.leaf["packed"]
+            return [(manifest_lib.PACKED_ARRAY, offset, nbytes)] if nbytes else []  # zero-size: nothing
+        if "shards" in self.leaf:
+            return [
+                (blob, offset, nbytes)
+                for region, blob, offset, nbytes in self._stored_shards()
+                if any(chunking.intersect(region, target) for target in self.regions)
+            ]
+        return []
+
+    def take_from_blobs(self, buffers: dict[str, np.ndarray]) -> None:
+        """Fills the target buffers from packed blobs (after their chunks were read)."""
+        if "packed" in self.leaf:
+            offset, nbytes = self.leaf["packed"]
+            blob = buffers.get(manifest_lib.PACKED_ARRAY, np.empty(0, np.uint8))
+            data = blob[offset : offset + nbytes]
+            self.buffers[tuple((0, n) for n in self.shape)] = data.view(self.stored).reshape(self.shape)
+            return
+        for region, blob, offset, nbytes in self._stored_shards():
+            overlaps = [(t, o) for t in self.regions if (o := chunking.intersect(t, region)) is not None]
+            if not overlaps:
+                continue  # not needed here, so not read (see blob_ranges)
+            data = buffers[blob][offset : offset + nbytes].view(self.stored)
+            data = data.reshape([r.stop - r.start for r in region])
+            for target, overlap in overlaps:
+                self.buffer(target)[chunking.relative(overlap, target)] = data[
+                    chunking.relative(overlap, region)
+                ]
+
     def chunk_reads(self) -> list[_ChunkRead]:
         """The reads of every stored chunk overlapping a target region, each chunk once."""
         leaf, chunk_shape = self.leaf, self.leaf["chunk_shape"]
@@ -161,35 +200,26 @@ class LeafPlan:
         return copy
 
 
-def packed_reads(manifest: dict[str, Any], plans: list[LeafPlan]) -> list[_ChunkRead]:
-    """Reads of the packed-blob chunks the plans need; points each plan's buffer into the blob."""
-    packed = manifest["packed"] or {"nbytes": 0, "chunk_bytes": 1, "chunks": {}}
-    chunk, nbytes = packed["chunk_bytes"], packed["nbytes"]
-    blob = aligned_empty([nbytes], np.dtype(np.uint8))
-    needed = set()
-    for p in plans:
-        offset, size = p.leaf["packed"]
-        needed.update(range(offset // chunk, -(-(offset + size) // chunk)))
-        p.buffers[tuple((0, n) for n in p.shape)] = (
-            blob[offset : offset + size].view(p.stored).reshape(p.shape)
-        )
-    reads = []
-    for i in sorted(needed):
-        digest, source = packed["chunks"][str(i)]
-        region = (slice(i * chunk, min((i + 1) * chunk, nbytes)),)
-        reads.append(
-            _ChunkRead(
-                manifest_lib.PACKED_ARRAY,
-                "(packed small leaves)",
-                str(i),
-                region,
-                digest,
-                source,
-                blob[region],
-                None,
-            )
-        )
-    return reads
+def blob_reads(
+    manifest: dict[str, Any], ranges: dict[str, list[tuple[int, int]]]
+) -> tuple[list[_ChunkRead], dict[str, np.ndarray]]:
+    """Reads of the blob chunks covering byte ``ranges`` ({blob: [(offset, nbytes)]}).
+
+    Returns the reads and one aligned buffer per blob they fill.
+    """
+    blobs = manifest_lib.blobs(manifest)
+    reads, buffers = [], {}
+    for name, spans in ranges.items():
+        blob = blobs[name]
+        chunk, nbytes = blob["chunk_bytes"], blob["nbytes"]
+        buffers[name] = aligned_empty([nbytes], np.dtype(np.uint8))
+        needed = {i for offset, size in spans for i in range(offset // chunk, -(-(offset + size) // chunk))}
+        for i in sorted(needed):
+            digest, source = blob["chunks"][str(i)]
+            region = (slice(i * chunk, min((i + 1) * chunk, nbytes)),)
+            what = f"(small leaves packed in {name})"
+            reads.append(_ChunkRead(name, what, str(i), region, digest, source, buffers[name][region], None))
+    return reads, buffers
 
 
 def _corrupt(step: int, read: _ChunkRead, why: str) -> CorruptCheckpointError:
@@ -327,12 +357,19 @@ def resolve_step(root: layout.Root, step: int | None) -> int:
 
 def read_plans(root: layout.Root, manifest: dict[str, Any], plans: list[LeafPlan]) -> Reader:
     """Reads (and verifies) every chunk the plans need; returns the reader for its counters."""
-    reads = packed_reads(manifest, [p for p in plans if "packed" in p.leaf])
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for p in plans:
+        for blob, offset, nbytes in p.blob_ranges():
+            ranges.setdefault(blob, []).append((offset, nbytes))
+    reads, buffers = blob_reads(manifest, ranges)
     for p in plans:
         if "array" in p.leaf:
             reads.extend(p.chunk_reads())
     reader = Reader(root, manifest)
     reader.run(reads)
+    for p in plans:
+        if "packed" in p.leaf or "shards" in p.leaf:
+            p.take_from_blobs(buffers)
     return reader
 
 

@@ -44,7 +44,9 @@ def _leaf_entry(leaf: LeafSnapshot, options: SaveOptions) -> dict[str, Any]:
     if leaf.origin == "none":
         return entry
     entry.update(dtype=leaf.dtype, stored_dtype=leaf.stored_dtype, shape=list(leaf.shape), **leaf.extra)
-    if not leaf.packable:
+    if leaf.packing == "shards":
+        entry["shards"] = []  # [{"region", "blob", "at": [offset, nbytes]}], from the fragments
+    elif not leaf.packing:
         itemsize = np.dtype(leaf.stored_dtype).itemsize
         entry["array"] = array_id(leaf.path)
         entry["chunk_shape"] = chunking.chunk_shape(leaf.shape, itemsize, leaf.steps, options.chunk_bytes)
@@ -60,7 +62,7 @@ def plan(snap: Snapshot, options: SaveOptions) -> tuple[list[dict[str, Any]], in
     entries, offset = [], 0
     for leaf in snap.leaves:
         entry = _leaf_entry(leaf, options)
-        if leaf.packable and leaf.origin != "none":
+        if leaf.packing == "whole":
             nbytes = manifest_lib.leaf_nbytes(entry)
             entry["packed"] = [offset, nbytes]
             offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
@@ -76,8 +78,8 @@ def _base_chunks(base: dict[str, Any] | None) -> dict[str, tuple[dict, tuple]]:
         leaf["array"]: (leaf["chunks"], (leaf["stored_dtype"], leaf["shape"], leaf["chunk_shape"]))
         for leaf in manifest_lib.array_leaves(base)
     }
-    if base.get("packed"):
-        out[manifest_lib.PACKED_ARRAY] = (base["packed"]["chunks"], base["packed"]["chunk_bytes"])
+    for name, blob in manifest_lib.blobs(base).items():
+        out[name] = (blob["chunks"], blob["chunk_bytes"])
     return out
 
 
@@ -151,14 +153,29 @@ def _shard_pieces(leaf: LeafSnapshot, chunk_shape):
             yield chunk_id, region, shard.data[chunking.relative(region, shard.region)]
 
 
-def _packed_blob(snap: Snapshot, entries: list[dict], size: int) -> np.ndarray:
+def _pack(parts: list[tuple[int, np.ndarray]], size: int) -> np.ndarray:
+    """One uint8 blob of ``size`` bytes holding each (offset, array)'s C-order bytes."""
     blob = np.zeros(size, np.uint8)
-    for leaf, entry in zip(snap.leaves, entries):
-        if "packed" in entry:
-            offset, nbytes = entry["packed"]
-            data = leaf.shards[0].data
-            blob[offset : offset + nbytes] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    for offset, data in parts:
+        flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        blob[offset : offset + flat.size] = flat
     return blob
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+
+
+def _write_blob(writer: _Writer, name: str, blob: np.ndarray, chunk_bytes: int) -> dict[str, Any]:
+    """Writes a packed blob as a chunked uint8 array; returns its manifest record."""
+    size = blob.size
+    chunk = min(chunk_bytes, size)
+    pieces = (
+        ((i,), (slice(i * chunk, min((i + 1) * chunk, size)),), blob[i * chunk : (i + 1) * chunk])
+        for i in range(-(-size // chunk))
+    )
+    chunks = writer.add_array(name, [size], "uint8", [chunk], pieces, chunk)
+    return {"nbytes": size, "chunk_bytes": chunk, "chunks": chunks}
 
 
 def write_fragment(
@@ -172,14 +189,25 @@ def write_fragment(
 ) -> dict[str, Any]:
     """Writes this process's chunks; returns its manifest fragment.
 
-    A fragment is ``{"chunks": {path: {chunk: [hash, data dir]}}, "packed": chunks | None,
-    "bytes_written": n}``.  Process 0 also writes the packed blob and host-side
-    (numpy / Python) leaves; jax arrays are written by whoever holds replica 0.
+    A fragment is ``{"chunks": {path: {chunk: [hash, data dir]}}, "blobs": {name: record},
+    "shards": {path: [[region, blob, offset, nbytes]]}, "bytes_written": n}``.
+    Process 0 writes the packed blob of small whole leaves and the host-side
+    (numpy / Python) leaves; jax arrays are written by whoever holds replica 0,
+    and small ones sharded across processes go into that process's own blob
+    (``packed-p<i>``).
     """
     writer = _Writer(root, data_dir, options, base)
     primary = snap.process_index == 0
-    chunks = {}
+    chunks, blobs, shards = {}, {}, {}
+    own_blob = f"{manifest_lib.PACKED_ARRAY}-p{snap.process_index}"
+    own_parts, own_size = [], 0  # this process's shards of small sharded leaves
     for leaf, entry in zip(snap.leaves, entries):
+        if "shards" in entry:
+            for shard in leaf.shards:
+                region = [[r.start, r.stop] for r in shard.region]
+                shards.setdefault(leaf.path, []).append([region, own_blob, own_size, shard.data.nbytes])
+                own_parts.append((own_size, shard.data))
+                own_size += _aligned(shard.data.nbytes)
         if "array" not in entry or (leaf.origin != "jax" and not primary):
             continue
         compat = (entry["stored_dtype"], entry["shape"], entry["chunk_shape"])
@@ -187,22 +215,21 @@ def write_fragment(
         chunks[leaf.path] = writer.add_array(
             entry["array"], leaf.shape, leaf.stored_dtype, entry["chunk_shape"], pieces, compat
         )
-    packed = None
     if primary and packed_size:
-        blob = _packed_blob(snap, entries, packed_size)
-        chunk = min(options.chunk_bytes, packed_size)
-        pieces = (
-            ((i,), (slice(i * chunk, min((i + 1) * chunk, packed_size)),), blob[i * chunk : (i + 1) * chunk])
-            for i in range(-(-packed_size // chunk))
+        parts = [
+            (e["packed"][0], leaf.shards[0].data) for leaf, e in zip(snap.leaves, entries) if "packed" in e
+        ]
+        blobs[manifest_lib.PACKED_ARRAY] = _write_blob(
+            writer, manifest_lib.PACKED_ARRAY, _pack(parts, packed_size), options.chunk_bytes
         )
-        packed = writer.add_array(manifest_lib.PACKED_ARRAY, [packed_size], "uint8", [chunk], pieces, chunk)
+    if own_size:
+        blobs[own_blob] = _write_blob(writer, own_blob, _pack(own_parts, own_size), options.chunk_bytes)
     writer.flush()
-    return {"chunks": chunks, "packed": packed, "bytes_written": writer.bytes_written}
+    return {"chunks": chunks, "blobs": blobs, "shards": shards, "bytes_written": writer.bytes_written}
 
 
 def assemble(
     entries: list[dict[str, Any]],
-    packed_size: int,
     fragments: list[dict[str, Any]],
     *,
     step: int,
@@ -215,20 +242,25 @@ def assemble(
 ) -> dict[str, Any]:
     """Merges per-process fragments into the step's manifest (without timings)."""
     merged: dict[str, dict] = {}
+    shards: dict[str, list] = {}
+    blobs: dict[str, dict] = {}
     for fragment in fragments:
         for path, table in fragment["chunks"].items():
             merged.setdefault(path, {}).update(table)
-    leaves = [
-        {**entry, "chunks": merged.get(entry["path"], {})} if "array" in entry else entry for entry in entries
-    ]
-    packed_chunks = next((f["packed"] for f in fragments if f["packed"] is not None), None)
-    packed = None
-    if packed_size:
-        packed = {
-            "nbytes": packed_size,
-            "chunk_bytes": min(options.chunk_bytes, packed_size),
-            "chunks": packed_chunks,
-        }
+        for path, records in fragment["shards"].items():
+            shards.setdefault(path, []).extend(
+                {"region": region, "blob": blob, "at": [offset, nbytes]}
+                for region, blob, offset, nbytes in records
+            )
+        blobs.update(fragment["blobs"])
+    leaves = []
+    for entry in entries:
+        if "array" in entry:
+            entry = {**entry, "chunks": merged.get(entry["path"], {})}
+        elif "shards" in entry:
+            entry = {**entry, "shards": shards.get(entry["path"], [])}
+        leaves.append(entry)
+    packed = blobs.pop(manifest_lib.PACKED_ARRAY, None)
     return {
         "format": layout.FORMAT,
         "version": layout.VERSION,
@@ -243,6 +275,7 @@ def assemble(
         "bytes_written": sum(f["bytes_written"] for f in fragments),
         "bytes_total": sum(manifest_lib.leaf_nbytes(e) for e in entries),
         "packed": packed,
+        "blobs": blobs,  # per-process blobs of small leaves sharded across processes
         "leaves": leaves,
     }
 
@@ -347,7 +380,6 @@ def save_snapshot(
         _check_no_conflicts(step, fragments)
         manifest = assemble(
             entries,
-            packed_size,
             fragments,
             step=step,
             kind="incremental" if base_step is not None else "full",

@@ -45,7 +45,8 @@ class LeafSnapshot(NamedTuple):
     shape: tuple[int, ...]
     steps: tuple[int, ...]  # chunk-grid strides imposed by the sharding
     shards: list[Shard]  # replica-0 shards held by this process (may be empty)
-    packable: bool  # small and held whole by this process
+    packing: str  # "whole": small, held whole (process 0's blob); "shards": small, sharded
+    #               across processes (each packs its own shards); "": a chunked array
     extra: dict  # prng_impl, py_type, numpy_scalar
 
 
@@ -85,7 +86,7 @@ def _numpy_leaf(path, parts, value, origin, copy, extra) -> LeafSnapshot:
         array.shape,
         array.shape,
         [Shard(full, stored)],
-        array.nbytes <= PACK_LIMIT_BYTES,
+        "whole" if array.nbytes <= PACK_LIMIT_BYTES else "",
         extra,
     )
 
@@ -133,7 +134,7 @@ def _jax_leaf(path, parts, array: jax.Array, copy: bool) -> LeafSnapshot:
         shape,
         steps,
         shards,
-        whole and small,
+        ("whole" if whole else "shards") if small else "",
         extra,
     )
 
@@ -162,7 +163,7 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
     leaves = []
     for path, parts, leaf in flat:
         if leaf is None:
-            leaves.append(LeafSnapshot(path, parts, "none", "", "", (), (), [], True, {}))
+            leaves.append(LeafSnapshot(path, parts, "none", "", "", (), (), [], "", {}))
         elif isinstance(leaf, jax.Array):
             leaves.append(_jax_leaf(path, parts, leaf, copy))
         elif isinstance(leaf, (np.ndarray, np.generic)):

@@ -38,6 +38,11 @@ def test_diff_names_changed_leaves(tmp_path, capsys):
 
     assert changed("0", "1") == ["b"]  # w is 0 in both
     assert changed("1", "2") == ["b", "w"]
+    # small leaves share one packed chunk: only the one whose bytes changed is reported
+    jckpt.save(root, {"w": np.full((300, 300), 1, np.float32), "b": np.full(3, 2), "c": np.ones(2)}, step=3)
+    jckpt.save(root, {"w": np.full((300, 300), 1, np.float32), "b": np.full(3, 2), "c": np.zeros(2)}, step=4)
+    assert changed("3", "4") == ["c"]
+    assert changed("2", "3") == ["c"]  # only in step 3
 
 
 def test_rm_and_gc(tmp_path, capsys):
