@@ -79,10 +79,6 @@ def chunk_name(chunk_id: Sequence[int]) -> str:
     return ".".join(map(str, chunk_id))
 
 
-def parse_chunk_name(name: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in name.split(".")) if name else ()
-
-
 def normalize(region: Sequence[slice], shape: Sequence[int]) -> Region:
     """Replaces ``None`` bounds with integers."""
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, shape))
