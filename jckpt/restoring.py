@@ -54,11 +54,12 @@ def _default_target(leaf: dict[str, Any]) -> Target:
 
 
 def _check_shape(leaf: dict[str, Any], like_leaf: Any, problems: list[str]) -> None:
-    if like_leaf is None or isinstance(like_leaf, (bool, int, float, complex)):
+    if like_leaf is None:
         return
-    stored = tuple(leaf["shape"])
-    wanted = tuple(like_leaf.shape)
-    if jax.dtypes.issubdtype(like_leaf.dtype, jax.dtypes.prng_key):
+    stored = tuple(leaf.get("shape", ()))
+    wanted = () if isinstance(like_leaf, (bool, int, float, complex)) else tuple(like_leaf.shape)
+    dtype = getattr(like_leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         stored = stored[: len(wanted)]  # stored as key data: trailing key dimensions
     if stored != wanted:
         problems.append(f"{leaf['path']!r}: checkpoint has shape {stored}, like has {wanted}")

@@ -124,6 +124,10 @@ def test_like_mismatch_names_every_bad_path(tmp_path):
     assert "'params/extra': not in the checkpoint" in str(error.value)
     assert "'params/w': checkpoint has shape (256, 300), like has (300, 256)" in str(error.value)
     assert isinstance(error.value, ValueError)
+    with pytest.raises(
+        jckpt.TreeMismatchError, match="'params/b': checkpoint has shape \\(4,\\), like has \\(\\)"
+    ):
+        jckpt.restore(tmp_path, like={"params": {"b": 0.0}})  # a scalar where an array is stored
 
 
 @contextlib.contextmanager
