@@ -15,7 +15,7 @@ from jckpt import chunking, hashing, layout, storage, tree
 from jckpt import manifest as manifest_lib
 from jckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, TreeMismatchError
 
-MAX_INFLIGHT_BYTES = 512 * 2**20
+MAX_INFLIGHT_BYTES = 128 * 2**20  # measured: 128 MiB restores as fast as 512 with ~15% less memory
 
 
 class Target(NamedTuple):
