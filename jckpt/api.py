@@ -56,12 +56,9 @@ def verify(directory: str | os.PathLike, step: int | None = None) -> manifest_li
       CheckpointNotFoundError: no checkpoint / no such step.
     """
     root, manifest = _manifest(directory, step)
-    plans = [
-        restore_lib.LeafPlan(leaf, restore_lib.Target("numpy", None, None))
-        for leaf in manifest["leaves"]
-        if leaf["origin"] != "none"
-    ]
-    restore_lib.read_plans(root, manifest, plans)
+    restore_lib.read_to_host(
+        root, manifest, [leaf for leaf in manifest["leaves"] if leaf["origin"] != "none"]
+    )
     return manifest_lib.info_of(manifest)
 
 

@@ -81,12 +81,8 @@ def _verify(args) -> None:
 def _leaf_fingerprints(root: layout.Root, step: int) -> dict[str, object]:
     """Per leaf something equal iff its bytes are: chunk hashes, or the bytes of small packed leaves."""
     manifest = root.read_manifest(step)
-    small = [
-        restoring.LeafPlan(leaf, restoring.Target("numpy", None, None))
-        for leaf in manifest["leaves"]
-        if "packed" in leaf or "shards" in leaf
-    ]
-    restoring.read_plans(root, manifest, small)  # small by definition: read and compared exactly
+    small_leaves = [leaf for leaf in manifest["leaves"] if "packed" in leaf or "shards" in leaf]
+    small = restoring.read_to_host(root, manifest, small_leaves)  # small by definition: compared exactly
     prints: dict[str, object] = {p.leaf["path"]: p.host(p.regions[0]).tobytes() for p in small}
     for leaf in manifest["leaves"]:
         if "chunks" in leaf:

@@ -374,6 +374,13 @@ def read_plans(root: layout.Root, manifest: dict[str, Any], plans: list[LeafPlan
     return reader
 
 
+def read_to_host(root: layout.Root, manifest: dict[str, Any], leaves: list[dict[str, Any]]) -> list[LeafPlan]:
+    """Reads and verifies whole ``leaves`` of a manifest into host memory (their stored bytes)."""
+    plans = [LeafPlan(leaf, Target("numpy", None, None)) for leaf in leaves]
+    read_plans(root, manifest, plans)
+    return plans
+
+
 def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None = None) -> Any:
     """Restores a committed step (default: the latest), verifying every chunk's hash.
 

@@ -65,7 +65,7 @@ def plan(snap: Snapshot, options: SaveOptions) -> tuple[list[dict[str, Any]], in
         if leaf.packing == "whole":
             nbytes = manifest_lib.leaf_nbytes(entry)
             entry["packed"] = [offset, nbytes]
-            offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+            offset += _aligned(nbytes)
         entries.append(entry)
     return entries, offset
 
