@@ -1,4 +1,21 @@
-"""jckpt: fast, atomic, checksummed checkpoints of JAX training state on tensorstore."""
+"""jckpt: fast, atomic, checksummed checkpoints of JAX training state on tensorstore.
+
+The modules, in layers (each imports only from the layers above it in this list):
+
+- ``errors``: every exception (subclasses of the standard ones).
+- ``format``: the on-disk format: constants, typed records, JSON, checksums, versions.
+- ``storage``: tensorstore kvstore specs for paths and URLs; retries; key operations.
+- ``root``: a checkpoint root: marker, committed steps, manifests, the commit.
+- ``tree``, ``chunking``, ``hashing``: pytree paths, chunk grids, chunk hashes.
+- ``snapshot``: a pytree copied to host, planned into chunked and packed leaves.
+- ``write`` / ``read`` / ``place``: writing fragments; reading and verifying chunks; placing arrays.
+- ``gc``: reclaiming what no manifest references.
+- ``multihost``: coordination under ``jax.distributed``.
+- ``api``: save / restore / info / metadata / verify / delete (orchestration only).
+- ``policy``: when to save, which kind, what to keep (optax-style rules).
+- ``manager``: ``CheckpointManager``, the stateful shell over api + policy.
+- ``cli``: the ``jckpt`` command.
+"""
 # ruff: noqa: I001  (the public API: one name per line)
 
 from jckpt import policy
@@ -6,6 +23,10 @@ from jckpt.api import all_steps
 from jckpt.api import delete
 from jckpt.api import info
 from jckpt.api import latest_step
+from jckpt.api import metadata
+from jckpt.api import restore
+from jckpt.api import save
+from jckpt.api import save_snapshot
 from jckpt.api import verify
 from jckpt.errors import CheckpointNotFoundError
 from jckpt.errors import CheckpointSaveError
@@ -15,14 +36,11 @@ from jckpt.errors import StepExistsError
 from jckpt.errors import TreeMismatchError
 from jckpt.errors import UnsupportedFormatError
 from jckpt.errors import UnsupportedLeafError
+from jckpt.format import CheckpointInfo
 from jckpt.manager import CheckpointManager
-from jckpt.manifest import CheckpointInfo
-from jckpt.restoring import restore
-from jckpt.saving import SaveOptions
-from jckpt.saving import save
-from jckpt.saving import save_snapshot
-from jckpt.snapshots import Snapshot
-from jckpt.snapshots import snapshot
+from jckpt.snapshot import Snapshot
+from jckpt.snapshot import snapshot
+from jckpt.write import SaveOptions
 
 __version__ = "0.1.0"
 
@@ -43,6 +61,7 @@ __all__ = (
     "delete",
     "info",
     "latest_step",
+    "metadata",
     "policy",
     "restore",
     "save",

@@ -1,17 +1,32 @@
-"""Inspection and deletion: latest_step, all_steps, info, verify, delete."""
+"""The public functions: save, restore, info, metadata, verify, delete, all_steps, latest_step.
+
+Orchestration only: validate the arguments, open the root, then call the
+layers below (snapshot -> write, read -> place, gc) and, under
+``jax.distributed``, coordinate the processes (``jckpt.multihost``).
+"""
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
-from jckpt import gc, layout, multihost
-from jckpt import manifest as manifest_lib
-from jckpt import restoring as restore_lib
-from jckpt.errors import CheckpointNotFoundError
+import jax
+import numpy as np
+
+from jckpt import format as fmt
+from jckpt import gc, multihost, place, storage, tree
+from jckpt import read as read_lib
+from jckpt import write as write_lib
+from jckpt.errors import CheckpointNotFoundError, StepExistsError, TreeMismatchError
+from jckpt.root import Root, new_data_dir
+from jckpt.snapshot import Snapshot, snapshot
+from jckpt.write import SaveOptions
 
 
-def _root(directory: str | os.PathLike) -> layout.Root | None:
-    root = layout.Root(directory)
+def _existing_root(directory: str | os.PathLike) -> Root | None:
+    """The root at ``directory`` (version checked), or None when there is none."""
+    root = Root(directory)
     if not root.exists():
         return None
     root.check_version()
@@ -20,7 +35,7 @@ def _root(directory: str | os.PathLike) -> layout.Root | None:
 
 def all_steps(directory: str | os.PathLike) -> list[int]:
     """Committed steps at ``directory``, ascending ([] when there is nothing)."""
-    root = _root(directory)
+    root = _existing_root(directory)
     return root.committed_steps() if root else []
 
 
@@ -30,22 +45,54 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
-def _manifest(directory: str | os.PathLike, step: int | None) -> tuple[layout.Root, dict]:
-    root = layout.Root(directory)
-    step = restore_lib.resolve_step(root, step)
-    return root, root.read_manifest(step)
+def _open(directory: str | os.PathLike, step: int | None) -> tuple[Root, fmt.Manifest]:
+    """The root and the manifest of ``step`` (default: the latest)."""
+    root = Root(directory)
+    root.check_version()
+    if step is None:
+        steps = root.committed_steps()
+        if not steps:
+            raise CheckpointNotFoundError(f"no committed checkpoint at {root.directory!r}")
+        step = steps[-1]
+    return root, root.read_manifest(fmt.check_step(step))
 
 
-def info(directory: str | os.PathLike, step: int | None = None) -> manifest_lib.CheckpointInfo:
+def info(directory: str | os.PathLike, step: int | None = None) -> fmt.CheckpointInfo:
     """The CheckpointInfo of ``step`` (default: latest), read from its manifest alone.
 
     Raises:
       CheckpointNotFoundError: no checkpoint / no such step.
+      CorruptCheckpointError: a damaged manifest.
     """
-    return manifest_lib.info_of(_manifest(directory, step)[1])
+    return _open(directory, step)[1].info()
 
 
-def verify(directory: str | os.PathLike, step: int | None = None) -> manifest_lib.CheckpointInfo:
+def metadata(directory: str | os.PathLike, step: int | None = None) -> Any:
+    """The saved tree of ``step`` (default: latest) as ``jax.ShapeDtypeStruct`` leaves.
+
+    Read from the manifest alone.  The tree is nested dicts and lists (as
+    :func:`restore` without ``like`` builds it); None leaves stay None, Python
+    scalars are ``ShapeDtypeStruct((), dtype)``.  It can be passed as ``like``.
+
+    Example:
+      >>> like = metadata("/tmp/ckpt")  # doctest: +SKIP
+      >>> state = restore("/tmp/ckpt", like=like)  # doctest: +SKIP
+    """
+    manifest = _open(directory, step)[1]
+
+    def struct(leaf: fmt.LeafRecord) -> Any:
+        if leaf.storage == fmt.NONE:
+            return None
+        if "prng_impl" in leaf.extra:
+            impl = leaf.extra["prng_impl"]
+            data = jax.ShapeDtypeStruct(leaf.shape, np.dtype(leaf.dtype))
+            return jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=impl), data)
+        return jax.ShapeDtypeStruct(leaf.shape, np.dtype(leaf.dtype))
+
+    return tree.nest([(leaf.keys, struct(leaf)) for leaf in manifest.leaves])
+
+
+def verify(directory: str | os.PathLike, step: int | None = None) -> fmt.CheckpointInfo:
     """Re-reads every chunk of ``step`` (default: latest) and checks its hash.
 
     Returns:
@@ -55,11 +102,9 @@ def verify(directory: str | os.PathLike, step: int | None = None) -> manifest_li
       CorruptCheckpointError: names the step, leaf path and chunk that fail.
       CheckpointNotFoundError: no checkpoint / no such step.
     """
-    root, manifest = _manifest(directory, step)
-    restore_lib.read_to_host(
-        root, manifest, [leaf for leaf in manifest["leaves"] if leaf["origin"] != "none"]
-    )
-    return manifest_lib.info_of(manifest)
+    root, manifest = _open(directory, step)
+    read_lib.read_to_host(root, manifest, manifest.leaves)
+    return manifest.info()
 
 
 def delete(directory: str | os.PathLike, step: int) -> None:
@@ -69,13 +114,14 @@ def delete(directory: str | os.PathLike, step: int) -> None:
     others wait for it (see docs/multihost.md).
 
     Raises:
+      TypeError: ``step`` is not an integer.
       CheckpointNotFoundError: the step is not committed.
       jckpt.multihost.CoordinationTimeoutError: a peer did not take part in time.
     """
-    step = int(step)
+    step = fmt.check_step(step)
 
     def run() -> None:
-        root = _root(directory)
+        root = _existing_root(directory)
         if root is None:
             raise CheckpointNotFoundError(f"no jckpt checkpoints at {os.fspath(directory)!r}")
         gc.delete_step(root, step)
@@ -83,3 +129,225 @@ def delete(directory: str | os.PathLike, step: int) -> None:
     # Under jax.distributed only process 0 deletes; the others wait for it and share its errors.
     op = multihost.Operation("delete", os.fspath(directory), step)
     op.all_then_primary("delete", lambda: None, lambda _: run(), lambda: None)
+
+
+def _resolve_base(root: Root, kind: str, base: int | None) -> fmt.Manifest | None:
+    if kind not in fmt.KINDS:
+        raise ValueError(f"kind must be one of {fmt.KINDS}, got {kind!r}")
+    if kind == "full":
+        if base is not None:
+            raise ValueError("base= is only meaningful with kind='incremental'")
+        return None
+    if base is None:
+        steps = root.committed_steps()
+        return root.read_manifest(steps[-1]) if steps else None
+    return root.read_manifest(fmt.check_step(base))
+
+
+def save_snapshot(
+    directory: str | os.PathLike,
+    snap: Snapshot,
+    *,
+    step: int,
+    metrics: dict | None = None,
+    metadata: Any = None,
+    kind: str = "full",
+    base: int | None = None,
+    options: SaveOptions | None = None,
+    created: float | None = None,
+) -> fmt.CheckpointInfo:
+    """Writes a snapshot as committed step ``step``.  Safe to call from a background thread.
+
+    See :func:`save` for the arguments.  ``created`` overrides the commit time
+    recorded in the manifest (the manager passes its injected clock).
+
+    Under ``jax.distributed`` (docs/multihost.md) process 0 validates, cleans
+    up and picks the data directory and the base step; every process writes
+    its fragment; process 0 checks the fragments, assembles and commits.  In a
+    single process the same steps run in place.
+    """
+    started = time.perf_counter()
+    options = options or SaveOptions()
+    if not isinstance(options, SaveOptions):
+        raise TypeError(f"options must be a jckpt.SaveOptions, got {type(options).__name__}")
+    step = fmt.check_step(step)
+    metrics = fmt.json_value(metrics, "metrics")
+    metadata = fmt.json_value(metadata, "metadata")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
+    root = Root(directory)
+    op = multihost.Operation("save", root.directory, step)
+    base_on_primary: dict[int, fmt.Manifest] = {}  # the base manifest process 0 already read
+
+    def prepare() -> list:
+        root.ensure()
+        if step in root.committed_steps():
+            raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
+        base_manifest = _resolve_base(root, kind, base)
+        gc.remove_uncommitted(root)
+        if base_manifest is None:
+            return [new_data_dir(step), None]
+        base_on_primary[base_manifest.step] = base_manifest
+        return [new_data_dir(step), base_manifest.step]
+
+    data_dir, base_step = op.on_primary("prepare", prepare)
+    records = write_lib.plan(snap, options)  # the same on every process (checked at commit)
+
+    def write() -> fmt.Fragment:
+        try:
+            base_manifest = None
+            if base_step is not None:
+                base_manifest = base_on_primary.get(base_step) or root.read_manifest(base_step)
+            return write_lib.write_fragment(root, data_dir, snap, records, options, base_manifest)
+        except BaseException as e:
+            error = storage.as_os_error(e)
+            if error is e:
+                raise
+            raise error from e
+
+    def commit(fragments: list[fmt.Fragment]) -> fmt.CheckpointInfo:
+        write_lib.check_fragments(step, fragments)
+        manifest = write_lib.assemble(
+            records,
+            fragments,
+            step=step,
+            base_step=base_step,
+            data_dir=data_dir,
+            options=options,
+            metrics=metrics,
+            metadata=metadata,
+            created=time.time() if created is None else created,
+            save_seconds=time.perf_counter() - started,
+        )
+        try:
+            root.commit(manifest)
+        except BaseException as e:
+            error = storage.as_os_error(e)
+            if error is e:
+                raise
+            raise error from e
+        return manifest.info()
+
+    return op.all_then_primary(
+        "write",
+        write,
+        commit,
+        lambda: gc.discard(root, data_dir),
+        work_codec=(fmt.Fragment.to_json, fmt.Fragment.from_json),
+        result_codec=(fmt.info_to_json, fmt.info_from_json),
+    )
+
+
+def save(
+    directory: str | os.PathLike,
+    state: Any,
+    *,
+    step: int,
+    metrics: dict | None = None,
+    metadata: Any = None,
+    kind: str = "full",
+    base: int | None = None,
+    options: SaveOptions | None = None,
+) -> fmt.CheckpointInfo:
+    """Saves a pytree as committed step ``step`` of the checkpoint root ``directory``.
+
+    The step becomes visible only once everything is durable: data first, the
+    manifest last (atomically).  A failed save leaves no trace but an
+    invisible data directory that the next save removes.
+
+    Args:
+      directory: checkpoint root (created if missing; must be empty or a jckpt root).
+      state: pytree of jax arrays (sharded or not), numpy arrays, Python scalars, None.
+      step: the step number (an integer >= 0); must not be committed already.
+      metrics: JSON-serialisable dict stored in the manifest (used by policies).
+      metadata: JSON-serialisable user data stored in the manifest.
+      kind: "full", or "incremental" to write only chunks (and small leaves) that
+        differ from ``base`` (default: the latest committed step).  Without a
+        base the save is full, and ``info().kind`` says so.
+      base: the step an incremental save compares against.
+      options: chunk size, compression, in-flight bound (SaveOptions).
+
+    Returns:
+      The CheckpointInfo of the committed step.
+
+    Raises:
+      StepExistsError: ``step`` is already committed (it is left untouched).
+      NotACheckpointRootError: ``directory`` is non-empty and not a jckpt root.
+      UnsupportedLeafError: a leaf cannot be saved (names its key path).
+      TypeError: ``step`` is not an integer; metrics or metadata are not JSON-serialisable.
+      OSError: writing failed (e.g. disk full); nothing becomes visible.
+
+    Example:
+      >>> info = save("/tmp/ckpt", {"w": np.ones(3)}, step=0)  # doctest: +SKIP
+    """
+    fmt.check_step(step)
+    return save_snapshot(
+        directory,
+        snapshot(state, copy=False),
+        step=step,
+        metrics=metrics,
+        metadata=metadata,
+        kind=kind,
+        base=base,
+        options=options,
+    )
+
+
+def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None = None) -> Any:
+    """Restores a committed step (default: the latest), verifying every chunk's hash.
+
+    Args:
+      directory: the checkpoint root.
+      like: optional pytree of arrays / ``jax.ShapeDtypeStruct`` (with or without
+        ``.sharding``) / Python scalars / None giving the result's structure,
+        dtypes (cast if they differ) and shardings (each device reads only its
+        regions).  It may name a subset of the saved leaves by key path.
+        Without it, the saved tree comes back as nested dicts and lists
+        (NamedTuples and dataclasses become dicts of their fields, tuples
+        become lists), jax arrays on the default device, numpy arrays as numpy,
+        Python scalars as Python scalars.
+      step: the step to restore; None for the latest committed one.
+
+    Returns:
+      The restored pytree.
+
+    Raises:
+      CheckpointNotFoundError: no checkpoint / no such step.
+      TreeMismatchError: ``like`` names paths the checkpoint lacks, or shapes differ.
+      CorruptCheckpointError: a chunk fails its hash (names step, leaf and chunk).
+      UnsupportedFormatError: written by a newer jckpt format version.
+
+    Example:
+      >>> state = restore("/tmp/ckpt", like={"w": jax.ShapeDtypeStruct((3,), np.float32)})  # doctest: +SKIP
+    """
+    root, manifest = _open(directory, step)
+    if like is None:
+        targets = [(leaf, read_lib.default_target(leaf)) for leaf in manifest.leaves]
+        treedef = None
+    else:
+        stored = {leaf.path: leaf for leaf in manifest.leaves}
+        flat, treedef = tree.flatten(like)
+        problems = []
+        for path, _, like_leaf in flat:
+            if path in stored:
+                problems += read_lib.like_problems(stored[path], like_leaf)
+            elif like_leaf is not None:
+                problems.append(f"{path!r}: not in the checkpoint")
+        if problems:
+            raise TreeMismatchError(
+                f"like does not match step {manifest.step} at {root.directory!r}:\n  " + "\n  ".join(problems)
+            )
+        targets = [
+            (stored[path], read_lib.target_of(like_leaf)) if like_leaf is not None else (None, None)
+            for path, _, like_leaf in flat
+        ]
+    wanted = [
+        leaf is not None and leaf.storage != fmt.NONE and target.kind != "none" for leaf, target in targets
+    ]
+    plans = [read_lib.LeafPlan(leaf, target) for (leaf, target), w in zip(targets, wanted) if w]
+    read_lib.read_plans(root, manifest, plans)
+    values = iter(place.finish(plans))
+    results = [next(values) if w else None for w in wanted]
+    if treedef is None:
+        return tree.nest([(leaf.keys, value) for (leaf, _), value in zip(targets, results)])
+    return jax.tree_util.tree_unflatten(treedef, results)

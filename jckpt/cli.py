@@ -21,7 +21,10 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 import jckpt
-from jckpt import gc, layout, restoring
+from jckpt import format as fmt
+from jckpt import gc
+from jckpt import read as read_lib
+from jckpt.root import Root
 
 
 def _size(nbytes: int) -> str:
@@ -51,22 +54,19 @@ def _ls(args) -> None:
 
 
 def _info(args) -> None:
-    root = layout.Root(args.root)
+    root = Root(args.root)
     step = jckpt.info(args.root, args.step).step
     manifest = root.read_manifest(step)
-    print(
-        f"step {step}  kind {manifest['kind']}  base {manifest['base_step']}  "
-        f"compression {manifest['compression']}"
-    )
-    print(f"metrics  {json.dumps(manifest['metrics'])}\nmetadata {json.dumps(manifest['metadata'])}")
+    print(f"step {step}  kind {manifest.kind}  base {manifest.base_step}  compression {manifest.compression}")
+    print(f"metrics  {json.dumps(manifest.metrics)}\nmetadata {json.dumps(manifest.metadata)}")
     rows = [
         [
-            leaf["path"],
-            leaf.get("dtype", "None"),
-            leaf.get("shape", ""),
-            "packed" if "packed" in leaf or "shards" in leaf else len(leaf.get("chunks", {})),
+            leaf.path,
+            leaf.dtype or "None",
+            list(leaf.shape) if leaf.storage != fmt.NONE else "",
+            len(leaf.chunks) if leaf.storage == fmt.CHUNKED else leaf.storage,
         ]
-        for leaf in manifest["leaves"]
+        for leaf in manifest.leaves
     ]
     print(tabulate(rows, headers=["leaf", "dtype", "shape", "chunks"]))
 
@@ -78,22 +78,21 @@ def _verify(args) -> None:
         print(f"step {step}: ok")
 
 
-def _leaf_fingerprints(root: layout.Root, step: int) -> dict[str, object]:
+def _leaf_fingerprints(root: Root, step: int) -> dict[str, object]:
     """Per leaf something equal iff its bytes are: chunk hashes, or the bytes of small packed leaves."""
     manifest = root.read_manifest(step)
-    small_leaves = [leaf for leaf in manifest["leaves"] if "packed" in leaf or "shards" in leaf]
-    small = restoring.read_to_host(root, manifest, small_leaves)  # small by definition: compared exactly
-    prints: dict[str, object] = {p.leaf["path"]: p.host(p.regions[0]).tobytes() for p in small}
-    for leaf in manifest["leaves"]:
-        if "chunks" in leaf:
-            prints[leaf["path"]] = sorted((name, digest) for name, (digest, _) in leaf["chunks"].items())
-        prints.setdefault(leaf["path"], None)
-        prints[leaf["path"]] = (leaf.get("dtype"), leaf.get("shape"), prints[leaf["path"]])
+    small_leaves = [leaf for leaf in manifest.leaves if leaf.storage == fmt.PACKED]
+    small = read_lib.read_to_host(root, manifest, small_leaves)  # small by definition: compared exactly
+    prints: dict[str, object] = {p.leaf.path: p.host(p.regions[0]).tobytes() for p in small}
+    for leaf in manifest.leaves:
+        if leaf.storage == fmt.CHUNKED:
+            prints[leaf.path] = sorted((name, digest) for name, (digest, _) in leaf.chunks.items())
+        prints[leaf.path] = (leaf.dtype, leaf.shape, prints.get(leaf.path))
     return prints
 
 
 def _diff(args) -> None:
-    root = layout.Root(args.root)
+    root = Root(args.root)
     a, b = _leaf_fingerprints(root, args.a), _leaf_fingerprints(root, args.b)
     rows = [[path, "only in " + str(args.a if path in a else args.b)] for path in sorted(a.keys() ^ b.keys())]
     rows += [[path, "differs"] for path in sorted(a.keys() & b.keys()) if a[path] != b[path]]
@@ -107,7 +106,7 @@ def _rm(args) -> None:
 
 
 def _gc(args) -> None:
-    root = layout.Root(args.root)
+    root = Root(args.root)
     root.check_version()
     leftovers = gc.remove_uncommitted(root)
     files = gc.collect(root)

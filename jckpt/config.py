@@ -49,7 +49,7 @@ import yaml
 
 from jckpt import policy as P
 from jckpt import storage
-from jckpt.saving import SaveOptions
+from jckpt.write import SaveOptions
 
 __all__ = [
     "CheckpointConfig",

@@ -1,38 +1,47 @@
 """Reclaiming space: uncommitted leftovers, deleted steps, unreferenced chunks.
 
-The rule is one: a key under the root survives iff a committed manifest
-references it (see ``manifest.referenced_keys``).  Deleting a step removes its
-manifest first (the step disappears atomically), then whatever no remaining
-manifest references, so a crash at any point loses nothing that is kept.
+The rule is one: a key under ``step_*`` survives iff a committed manifest
+references it (see ``Manifest.referenced_keys``).  Deleting a step removes
+its manifest first (the step disappears atomically), then whatever no
+remaining manifest references, so a crash at any point loses nothing that is
+kept.
 """
 
 from __future__ import annotations
 
 import os
 
-from jckpt import layout, storage
-from jckpt import manifest as manifest_lib
+from jckpt import format as fmt
+from jckpt import storage
+from jckpt.root import Root
 
 
-def _manifests(root: layout.Root) -> list[dict]:
+def _manifests(root: Root) -> list[fmt.Manifest]:
     return [root.read_manifest(step) for step in root.committed_steps()]
 
 
 def _local_step_dirs(path: str) -> list[os.DirEntry]:
-    """The ``step_*`` directories of a local root."""
+    """The ``step_*`` directories of a local root (symbolic links are not directories here)."""
     if not os.path.isdir(path):
         return []
-    return [e for e in os.scandir(path) if e.is_dir() and layout.parse_step_dir(e.name) is not None]
+    with os.scandir(path) as entries:
+        return [
+            e for e in entries if e.is_dir(follow_symlinks=False) and fmt.parse_step_name(e.name) is not None
+        ]
 
 
-def _data_dirs_on_disk(root: layout.Root) -> set[str]:
+def _data_dirs_on_disk(root: Root) -> set[str]:
     path = storage.local_path(root.spec)
     if path is None:
         return {"/".join(k.split("/")[:2]) for k in root.list("step_") if k.count("/") >= 2}
-    return {f"{e.name}/{d.name}" for e in _local_step_dirs(path) for d in os.scandir(e.path) if d.is_dir()}
+    out = set()
+    for step_dir in _local_step_dirs(path):
+        with os.scandir(step_dir.path) as entries:
+            out.update(f"{step_dir.name}/{d.name}" for d in entries if d.is_dir(follow_symlinks=False))
+    return out
 
 
-def discard(root: layout.Root, data_dir: str) -> None:
+def discard(root: Root, data_dir: str) -> None:
     """Best-effort removal of a failed save's data directory."""
     try:
         root.remove_tree(data_dir + "/")
@@ -41,20 +50,22 @@ def discard(root: layout.Root, data_dir: str) -> None:
         pass
 
 
-def _remove_stale_manifest_locks(root: layout.Root, committed: set[str]) -> None:
-    """Deletes the half-written manifests of killed commits (local roots) and their empty step dirs."""
+def _remove_stale_manifest_locks(root: Root) -> None:
+    """Deletes the half-written manifests of killed commits (local roots)."""
     path = storage.local_path(root.spec)
     if path is None:
         return
-    for entry in _local_step_dirs(path):
-        if entry.name not in committed:
-            lock = os.path.join(entry.path, layout.MANIFEST + storage.LOCK_SUFFIX)
-            if os.path.exists(lock):
-                os.unlink(lock)
-                storage.prune_empty_dirs(root.spec, entry.name)
+    directory = os.path.join(path, fmt.MANIFESTS)
+    if not os.path.isdir(directory):
+        return
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(storage.LOCK_SUFFIX) and entry.is_file(follow_symlinks=False):
+                if not os.path.exists(entry.path[: -len(storage.LOCK_SUFFIX)]):
+                    os.unlink(entry.path)
 
 
-def remove_uncommitted(root: layout.Root) -> list[str]:
+def remove_uncommitted(root: Root) -> list[str]:
     """Deletes leftover data directories of saves that never committed.
 
     Candidates are data directories under a step without a manifest, or under
@@ -67,12 +78,12 @@ def remove_uncommitted(root: layout.Root) -> list[str]:
     by_step: dict[str, list[str]] = {}
     for data_dir in _data_dirs_on_disk(root):
         by_step.setdefault(data_dir.split("/")[0], []).append(data_dir)
-    committed = {layout.step_dir(s) for s in root.committed_steps()}
-    _remove_stale_manifest_locks(root, committed)
+    committed = {fmt.step_name(s) for s in root.committed_steps()}
+    _remove_stale_manifest_locks(root)
     candidates = {d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs}
     if not candidates:
         return []
-    referenced = set().union(set(), *(manifest_lib.data_dirs(m) for m in _manifests(root)))
+    referenced = set().union(set(), *(m.data_dirs() for m in _manifests(root)))
     removed = sorted(candidates - referenced)
     for data_dir in removed:
         root.remove_tree(data_dir + "/")
@@ -80,14 +91,16 @@ def remove_uncommitted(root: layout.Root) -> list[str]:
     return removed
 
 
-def collect(root: layout.Root) -> int:
+def collect(root: Root) -> int:
     """Deletes every key under ``step_*`` that no committed manifest references.
 
     Returns:
       The number of keys (files) deleted.
     """
-    manifests = _manifests(root)
-    referenced = set().union(set(), *(manifest_lib.referenced_keys(m) for m in manifests))
+    steps = root.committed_steps()
+    referenced = {root.manifest_key(step) for step in steps}  # version-1 manifests live under step_*
+    for step in steps:
+        referenced |= root.read_manifest(step).referenced_keys()
     garbage = [k for k in root.list("step_") if k not in referenced]
     root.delete(*garbage)
     for data_dir in {"/".join(key.split("/")[:2]) for key in garbage}:
@@ -95,8 +108,8 @@ def collect(root: layout.Root) -> int:
     return len(garbage)
 
 
-def delete_step(root: layout.Root, step: int) -> None:
+def delete_step(root: Root, step: int) -> None:
     """Uncommits ``step`` (its manifest goes first), then reclaims what it alone held."""
     root.read_manifest(step)  # raises CheckpointNotFoundError if absent
-    root.delete(layout.manifest_key(step))
+    root.uncommit(step)
     collect(root)

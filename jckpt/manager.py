@@ -31,10 +31,10 @@ from typing import Any
 import jax
 import numpy as np
 
-import jckpt
-from jckpt import multihost
+from jckpt import api, multihost
 from jckpt import policy as P
-from jckpt.errors import CheckpointSaveError
+from jckpt.errors import CheckpointNotFoundError, CheckpointSaveError, StepExistsError
+from jckpt.snapshot import snapshot
 
 __all__ = ["CheckpointManager", "CheckpointSaveError"]
 
@@ -111,7 +111,7 @@ class CheckpointManager:
         self._clock = clock
         self._options = options
         self._lock = threading.Lock()
-        self._history = [jckpt.info(directory, s) for s in jckpt.all_steps(directory)]
+        self._history = [api.info(directory, s) for s in api.all_steps(directory)]
         self._state = P.resume(self._policy, self._history)
         self._shared_cpu = jax.default_backend() == "cpu"
         self._pinned: Counter[int] = Counter()
@@ -215,7 +215,7 @@ class CheckpointManager:
         self._surface_finished()
         step = int(step)
         if self._is_taken(step):
-            raise jckpt.StepExistsError(f"step {step} is already saved in {self._directory!r}")
+            raise StepExistsError(f"step {step} is already saved in {self._directory!r}")
         preempted = self._preempted
         event = P.Event(step, float(self._clock()), metrics, preempted)
         self._save(event, state, P.decide(self._policy, self._state, event).kind, metadata)
@@ -228,7 +228,7 @@ class CheckpointManager:
             raise ValueError(f"metadata key {P.META_KEY!r} is reserved for the manager")
         started = self._clock()
         self._collect(raise_error=True)  # back-pressure: one save in flight
-        snap = jckpt.snapshot(state, copy=_needs_copy(state))
+        snap = snapshot(state, copy=_needs_copy(state))
         blocking = max(0.0, float(self._clock()) - float(started))
         if kind == "incremental" and not self._history:
             kind = "full"  # nothing to be incremental against; the store would write full
@@ -256,7 +256,7 @@ class CheckpointManager:
         self._pending = (event.step, future)
 
     def _write(self, step, snap, metrics, meta, kind, now) -> Any:
-        info = jckpt.save_snapshot(
+        info = api.save_snapshot(
             self._directory,
             snap,
             step=step,
@@ -298,7 +298,7 @@ class CheckpointManager:
         with self._lock:
             self._history = [i for i in self._history if i.step not in doomed]
         for step in doomed:
-            jckpt.delete(self._directory, step)
+            api.delete(self._directory, step)
 
     # -------------------------------------------------------- waiting, errors
 
@@ -407,12 +407,12 @@ class CheckpointManager:
         with self._lock:
             if step is None:
                 if not self._history:
-                    raise jckpt.CheckpointNotFoundError(f"no committed checkpoint in {self._directory!r}")
+                    raise CheckpointNotFoundError(f"no committed checkpoint in {self._directory!r}")
                 step = self._history[-1].step
             step = int(step)
             self._pinned[step] += 1
         try:
-            restored = jckpt.restore(self._directory, like, step=step)
+            restored = api.restore(self._directory, like, step=step)
         finally:
             with self._lock:
                 self._pinned[step] -= 1

@@ -334,6 +334,10 @@ def _slug(text: str) -> str:
     return format(zlib.crc32(text.encode()), "08x")
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 class Operation:
     """One coordinated operation (the save or delete of a step) in its own key namespace.
 
@@ -391,8 +395,15 @@ class Operation:
         work: Callable[[], Any],
         finish: Callable[[list[Any]], Any],
         abort: Callable[[], None],
+        *,
+        work_codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] = (_same, _same),
+        result_codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] = (_same, _same),
     ) -> Any:
         """Every process runs ``work``; process 0 runs ``finish`` on all results and shares its result.
+
+        ``work_codec`` and ``result_codec`` are (to JSON, from JSON) pairs for
+        the results of ``work`` and ``finish``: this boundary is where records
+        become JSON, and only under multi-host.
 
         If ``work`` fails anywhere or a peer times out, process 0 calls ``abort``
         instead of ``finish`` and every process raises: the failing process its
@@ -401,8 +412,9 @@ class Operation:
         outcome before any returns, then the operation's keys are deleted.
 
         Returns:
-          ``finish``'s JSON result, on every process.
+          ``finish``'s result, on every process.
         """
+        (work_to_json, work_from_json), (result_to_json, result_from_json) = work_codec, result_codec
         if not self.multi:
             try:
                 return finish([work()])
@@ -411,7 +423,7 @@ class Operation:
                 raise
         own_error: BaseException | None = None
         try:
-            record: dict[str, Any] = {"ok": work()}
+            record: dict[str, Any] = {"ok": work_to_json(work())}
         except BaseException as e:
             own_error = e
             record = {"error": _error_record(e)}
@@ -426,7 +438,7 @@ class Operation:
                     raise own_error
                 raise self._fail(verdict["error"])
             self._done()
-            return verdict["ok"]
+            return result_from_json(verdict["ok"])
         failed: dict[str, Any] | None = None  # the first failure, as sent to the others
         try:
             if own_error is not None:
@@ -435,14 +447,14 @@ class Operation:
             failed = next((r["error"] for r in records if "error" in r), None)
             if failed is not None:
                 raise self._fail(failed)
-            result = finish([r["ok"] for r in records])
+            result = finish([work_from_json(r["ok"]) for r in records])
         except BaseException as e:
             try:
                 abort()
             finally:
                 broadcast(verdict_key, {"error": failed or _error_record(e)})
             raise
-        broadcast(verdict_key, {"ok": result})
+        broadcast(verdict_key, {"ok": result_to_json(result)})
         self._done()
         return result
 

@@ -199,7 +199,7 @@ def mode_crash(a: dict) -> dict:
     jckpt.save(a["dir"], state, step=1, options=CHUNK)
     me = multihost.process_index()
     if me == a["victim"]:
-        from jckpt import saving
+        from jckpt import write as saving
 
         real = saving.write_fragment
 

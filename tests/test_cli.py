@@ -6,7 +6,8 @@ import sys
 import numpy as np
 
 import jckpt
-from jckpt import cli, layout
+from jckpt import cli
+from jckpt import format as fmt
 
 
 def _root(tmp_path):
@@ -49,11 +50,11 @@ def test_rm_and_gc(tmp_path, capsys):
     root = _root(tmp_path)
     assert cli.main(["rm", root, "0", "1"]) == 0
     assert jckpt.all_steps(root) == [2]
-    (tmp_path / layout.step_dir(9) / "dleftover" / "x").mkdir(parents=True)
-    (tmp_path / layout.step_dir(9) / "dleftover" / "x" / "c").write_bytes(b"junk")
+    (tmp_path / fmt.step_name(9) / "dleftover" / "x").mkdir(parents=True)
+    (tmp_path / fmt.step_name(9) / "dleftover" / "x" / "c").write_bytes(b"junk")
     assert cli.main(["gc", root]) == 0
     assert "removed 1 uncommitted" in capsys.readouterr().out
-    assert not (tmp_path / layout.step_dir(9)).exists()
+    assert not (tmp_path / fmt.step_name(9)).exists()
 
 
 def test_errors_exit_nonzero_with_a_message(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jckpt
+from jckpt import format as fmt
 
 CHILD = textwrap.dedent(
     """
@@ -42,11 +43,8 @@ def _check_every_committed_step(root):
 
 
 def _uncommitted_dirs(root):
-    return [
-        d
-        for d in os.listdir(root)
-        if d.startswith("step_") and not os.path.exists(os.path.join(root, d, "manifest.json"))
-    ]
+    committed = {fmt.step_name(step) for step in jckpt.all_steps(root)}
+    return [d for d in os.listdir(root) if d.startswith("step_") and d not in committed]
 
 
 @pytest.mark.slow

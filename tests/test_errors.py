@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jckpt
-from jckpt import layout
+from jckpt import format as fmt
+from jckpt.root import Root
 
 
 def _state(value=1.0):
@@ -25,7 +26,7 @@ def test_unsupported_leaf_names_its_path_and_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):  # also a TypeError
         jckpt.save(tmp_path, {"obj": np.array([object()])}, step=1)
     assert jckpt.all_steps(tmp_path) == [0]
-    assert not (tmp_path / layout.step_dir(1)).exists()
+    assert not (tmp_path / fmt.step_name(1)).exists()
     jckpt.save(tmp_path, _state(2.0), step=1)  # the step number is free
     assert jckpt.restore(tmp_path, step=1)["params"]["b"].tolist() == [2.0] * 4
 
@@ -38,12 +39,12 @@ def test_metrics_must_be_json(tmp_path):
 
 def test_existing_step_is_refused_and_untouched(tmp_path):
     jckpt.save(tmp_path, _state(1.0), step=5)
-    before = (tmp_path / layout.manifest_key(5)).read_bytes()
+    before = (tmp_path / fmt.manifest_key(5)).read_bytes()
     with pytest.raises(jckpt.StepExistsError, match="step 5"):
         jckpt.save(tmp_path, _state(2.0), step=5)
     with pytest.raises(FileExistsError):
         jckpt.save(tmp_path, _state(2.0), step=5)
-    assert (tmp_path / layout.manifest_key(5)).read_bytes() == before
+    assert (tmp_path / fmt.manifest_key(5)).read_bytes() == before
     assert jckpt.restore(tmp_path)["params"]["b"].tolist() == [1.0] * 4
     jckpt.verify(tmp_path)
 
@@ -83,9 +84,9 @@ def _chunk_files(root):
 @pytest.mark.parametrize("target", ["large", "packed"])
 def test_flipped_byte_is_caught_naming_step_leaf_and_chunk(tmp_path, target):
     jckpt.save(tmp_path, _state(), step=7)
-    manifest = layout.Root(tmp_path).read_manifest(7)
-    leaf = next(x for x in manifest["leaves"] if x["path"] == "params/w")
-    array = leaf["array"] if target == "large" else "packed"
+    manifest = Root(tmp_path).read_manifest(7)
+    leaf = next(x for x in manifest.leaves if x.path == "params/w")
+    array = leaf.array if target == "large" else fmt.BLOB_PREFIX + "0"
     (path,) = [p for p in _chunk_files(tmp_path) if f"/{array}/" in str(p)][:1]
     _flip_a_byte(path)
     expected = "params/w" if target == "large" else "packed"
@@ -104,13 +105,13 @@ def test_missing_data_file_is_corruption(tmp_path):
 
 def test_newer_format_version_is_refused(tmp_path):
     jckpt.save(tmp_path, _state(), step=0)
-    path = tmp_path / layout.manifest_key(0)
+    path = tmp_path / fmt.manifest_key(0)
     manifest = json.loads(path.read_bytes())
-    manifest["version"] = layout.VERSION + 1
+    manifest["version"] = fmt.VERSION + 1
     path.write_text(json.dumps(manifest))
     with pytest.raises(jckpt.UnsupportedFormatError, match="Upgrade jckpt"):
         jckpt.restore(tmp_path)
-    marker = tmp_path / layout.ROOT_MARKER
+    marker = tmp_path / fmt.ROOT_MARKER
     marker.write_text(json.dumps({"format": "jckpt", "version": 99}))
     with pytest.raises(ValueError, match="version 99"):
         jckpt.latest_step(tmp_path)
@@ -152,7 +153,7 @@ def test_disk_full_raises_oserror_and_keeps_earlier_checkpoints(tmp_path):
             jckpt.save(root, {"big": np.ones(2_000_000)}, step=1)  # 16 MB on a 4 MB disk
         assert error.value.errno == 28  # ENOSPC
         assert jckpt.all_steps(root) == [0]
-        assert not (root / layout.step_dir(1)).exists()  # temporary data removed
+        assert not (root / fmt.step_name(1)).exists()  # temporary data removed
         assert jckpt.restore(root)["params"]["b"].tolist() == [1.0] * 4
         jckpt.verify(root)
         jckpt.save(root, _state(3.0), step=1)  # space is back
@@ -162,37 +163,35 @@ def test_disk_full_raises_oserror_and_keeps_earlier_checkpoints(tmp_path):
 def test_leftovers_of_a_failed_save_are_invisible_and_cleaned(tmp_path):
     jckpt.save(tmp_path, _state(1.0), step=0)
     # what a killed save leaves: a data directory and no manifest
-    shutil.copytree(tmp_path / layout.step_dir(0), tmp_path / layout.step_dir(1))
-    (tmp_path / layout.manifest_key(1)).unlink()
+    shutil.copytree(tmp_path / fmt.step_name(0), tmp_path / fmt.step_name(1))
     assert jckpt.all_steps(tmp_path) == [0]
     jckpt.save(tmp_path, _state(2.0), step=2)
-    assert not (tmp_path / layout.step_dir(1)).exists()
+    assert not (tmp_path / fmt.step_name(1)).exists()
     assert jckpt.all_steps(tmp_path) == [0, 2]
 
 
 def test_a_stale_lock_file_from_a_killed_commit_does_not_corrupt_the_next(tmp_path):
-    """A writer killed while writing the manifest leaves manifest.json.__lock behind.
+    """A writer killed while writing the manifest leaves manifests/step_<N>.json.__lock behind.
 
     Tensorstore reuses such a file without truncating it; the commit must not inherit its tail.
     """
-    stale = tmp_path / layout.step_dir(3) / (layout.MANIFEST + ".__lock")
+    stale = tmp_path / (fmt.manifest_key(3) + ".__lock")
     jckpt.save(tmp_path, _state(), step=0)
-    stale.parent.mkdir()
     stale.write_bytes(b"x" * 100_000)  # longer than the real manifest
     jckpt.save(tmp_path, _state(2.0), step=3)
     assert jckpt.restore(tmp_path, step=3)["params"]["b"].tolist() == [2.0] * 4
     assert not stale.exists()
     # a killed commit of a step that is never saved again: the next save removes its leftovers
-    other = tmp_path / layout.step_dir(5) / (layout.MANIFEST + ".__lock")
-    other.parent.mkdir()
+    other = tmp_path / (fmt.manifest_key(5) + ".__lock")
     other.write_bytes(b"{")
     jckpt.save(tmp_path, _state(), step=6)
-    assert not other.parent.exists()
+    assert not other.exists()
+    assert jckpt.all_steps(tmp_path) == [0, 3, 6]
 
 
 def test_an_unparsable_manifest_is_corruption(tmp_path):
     jckpt.save(tmp_path, _state(), step=0)
-    with open(tmp_path / layout.manifest_key(0), "ab") as f:
+    with open(tmp_path / fmt.manifest_key(0), "ab") as f:
         f.write(b"}9}")
     with pytest.raises(jckpt.CorruptCheckpointError, match="step 0: manifest .* not valid JSON"):
         jckpt.restore(tmp_path)

@@ -1,12 +1,18 @@
 """On-disk format: relative, batched, inspectable without array data, deletable."""
 
+import json
+import pathlib
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_equal
 
 import jckpt
-from jckpt import layout
+from jckpt import format as fmt
+from jckpt.root import Root
 
 
 def _files(root):
@@ -16,7 +22,7 @@ def _files(root):
 def test_thousands_of_small_leaves_cost_a_handful_of_files(tmp_path):
     state = {f"layer_{i}": np.full(256, i, np.float32) for i in range(2000)}  # 1 KiB each
     jckpt.save(tmp_path, state, step=0)
-    assert len(_files(tmp_path)) <= 5  # marker, manifest, packed zarr.json + 1 chunk
+    assert len(_files(tmp_path)) <= 5  # marker, manifest, packed-p0 zarr.json + 1 chunk
     restored = jckpt.restore(tmp_path)
     assert all(restored[k][0] == i for i, k in enumerate(state))
 
@@ -38,7 +44,7 @@ def test_info_reads_only_the_manifest(tmp_path):
         metadata={"config": {"lr": 0.1}, "git": "abc123"},
     )
     for path in _files(tmp_path):
-        if path.name not in ("manifest.json", layout.ROOT_MARKER):
+        if path.parent.name != fmt.MANIFESTS and path.name != fmt.ROOT_MARKER:
             path.unlink()
     info = jckpt.info(tmp_path)
     assert (info.step, info.kind, info.metrics, info.metadata) == (
@@ -56,7 +62,7 @@ def test_delete_removes_one_step_and_its_files(tmp_path):
         jckpt.save(tmp_path, {"w": np.full(100_000, step)}, step=step)
     jckpt.delete(tmp_path, 1)
     assert jckpt.all_steps(tmp_path) == [0, 2]
-    assert not (tmp_path / layout.step_dir(1)).exists()
+    assert not (tmp_path / fmt.step_name(1)).exists()
     for step in (0, 2):
         assert jckpt.restore(tmp_path, step=step)["w"][0] == step
     jckpt.save(tmp_path, {"w": np.full(10, 9)}, step=1)  # the number can be reused
@@ -70,14 +76,15 @@ def test_manifest_records_hash_and_holder_of_every_chunk(tmp_path):
         step=0,
         options=jckpt.SaveOptions(chunk_bytes=128 * 1024),
     )
-    manifest = layout.Root(tmp_path).read_manifest(0)
-    assert (manifest["format"], manifest["version"], manifest["hash"]) == ("jckpt", 1, "xxh3_128")
-    (leaf,) = manifest["leaves"]
-    assert leaf["chunk_shape"] == [32, 1024]
-    assert sorted(leaf["chunks"]) == ["0.0", "1.0", "2.0", "3.0"]
-    for digest, holder in leaf["chunks"].values():
-        assert len(digest) == 32 and holder.startswith(layout.step_dir(0) + "/d")
-        assert (tmp_path / holder / leaf["array"] / "zarr.json").exists()
+    raw = json.loads((tmp_path / fmt.manifest_key(0)).read_bytes())
+    assert (raw["format"], raw["version"], raw["hash"]) == ("jckpt", 2, "xxh3_128")
+    assert raw["checksum"].startswith("xxh3_128:")
+    (leaf,) = Root(tmp_path).read_manifest(0).leaves
+    assert leaf.storage == fmt.CHUNKED and leaf.chunk_shape == (32, 1024)
+    assert sorted(leaf.chunks) == ["0.0", "1.0", "2.0", "3.0"]
+    for digest, holder in leaf.chunks.values():
+        assert len(digest) == 32 and holder.startswith(fmt.step_name(0) + "/d")
+        assert (tmp_path / holder / leaf.array / "zarr.json").exists()
 
 
 @pytest.mark.parametrize("compression", ["zstd", "blosc"])
@@ -88,3 +95,109 @@ def test_compressed_chunks_round_trip(tmp_path, compression):
     assert on_disk < info.bytes_total / 10
     np.testing.assert_array_equal(jckpt.restore(tmp_path)["w"], state["w"])
     jckpt.verify(tmp_path)
+
+
+# --------------------------------------------------------------- version 1 and checksums
+
+BF16 = jnp.bfloat16
+V1 = pathlib.Path(__file__).parent / "fixtures" / "v1"  # written by jckpt 825afb0 (make_v1.py)
+
+
+def _v1_state(step):
+    """The values tests/fixtures/make_v1.py saved as ``step``."""
+    big = (np.arange(320 * 1024) % 251).astype(np.uint8).reshape(320, 1024) + 1
+    w = np.arange(64 * 128, dtype=np.float32).reshape(64, 128) + 1
+    if step == 2:
+        w[:8] += 100
+        big[:4] += 1
+    return {
+        "params": {"w": w, "b": np.linspace(0, 1, 16, dtype=np.float32), "h": np.arange(8, dtype=BF16)},
+        "small": [np.full(32, i + 1, np.int32) for i in range(3)],
+        "step": step,
+        "lr": 0.5,
+        "flag": True,
+        "nothing": None,
+        "scalar": np.float64(2.5),
+        "big": big,
+    }
+
+
+def test_version_1_checkpoints_still_restore(tmp_path):
+    root = tmp_path / "v1"
+    shutil.copytree(V1, root)
+    before = {p: p.read_bytes() for p in _files(root)}
+    assert jckpt.all_steps(root) == [1, 2]
+    assert jckpt.info(root, 2).kind == "incremental" and jckpt.info(root, 1).metrics == {"loss": 1.5}
+    for step in (1, 2):
+        restored = jckpt.restore(root, step=step)
+        expected = _v1_state(step)
+        rng = restored.pop("rng"), restored.pop("old_rng")
+        assert_trees_equal(restored, expected)
+        assert jax.random.key_data(rng[0]).tolist() == jax.random.key_data(jax.random.key(1)).tolist()
+        assert rng[1].tolist() == jax.random.PRNGKey(7).tolist()
+        jckpt.verify(root, step=step)
+    assert {p: p.read_bytes() for p in _files(root)} == before  # reading changes nothing
+
+
+def test_saving_into_a_version_1_root_upgrades_it(tmp_path):
+    root = tmp_path / "v1"
+    shutil.copytree(V1, root)
+    state = _v1_state(2)
+    state["small"][0] = state["small"][0] + 5
+    options = jckpt.SaveOptions(chunk_bytes=65536)  # as make_v1.py: the chunks of "big" are reused
+    info = jckpt.save(root, state, step=3, kind="incremental", options=options)
+    assert info.base_step == 2 and info.bytes_written < info.bytes_total / 2
+    assert json.loads((root / fmt.ROOT_MARKER).read_bytes())["version"] == fmt.VERSION
+    assert not list(root.glob("step_*/manifest.json"))
+    assert jckpt.all_steps(root) == [1, 2, 3]
+    assert_trees_equal(jckpt.restore(root, step=3, like=state), state)
+    jckpt.delete(root, 1)
+    jckpt.delete(root, 2)
+    assert_trees_equal(jckpt.restore(root, step=3, like=state), state)
+    jckpt.verify(root)
+
+
+def _manifest_path(root, step):
+    return root / fmt.manifest_key(step)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_flipped_bit_in_a_manifest_is_corruption_never_wrong_data(tmp_path, seed):
+    state = {"w": np.arange(70_000, dtype=np.float32), "small": [np.full(5, i) for i in range(4)]}
+    jckpt.save(tmp_path, state, step=1, metrics={"loss": 0.5})
+    path = _manifest_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    bit = np.random.default_rng(seed).integers(len(data) * 8)
+    data[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+    for call in (jckpt.restore, jckpt.verify, jckpt.info):
+        with pytest.raises((jckpt.CorruptCheckpointError, jckpt.UnsupportedFormatError), match="step 1"):
+            call(tmp_path)
+
+
+def test_a_damaged_root_marker_is_corruption(tmp_path):
+    jckpt.save(tmp_path, {"w": np.ones(3)}, step=0)
+    marker = tmp_path / fmt.ROOT_MARKER
+    doc = json.loads(marker.read_bytes())
+    marker.write_text(json.dumps({**doc, "version": 1}))  # the checksum no longer matches
+    with pytest.raises(jckpt.CorruptCheckpointError, match="jckpt.json"):
+        jckpt.restore(tmp_path)
+    marker.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(jckpt.CorruptCheckpointError, match="not valid JSON"):
+        jckpt.all_steps(tmp_path)
+
+
+def test_a_manifest_copied_to_another_step_is_refused(tmp_path):
+    jckpt.save(tmp_path, {"w": np.ones(3)}, step=2)
+    shutil.copy(_manifest_path(tmp_path, 2), _manifest_path(tmp_path, 7))
+    assert jckpt.all_steps(tmp_path) == [2, 7]
+    with pytest.raises(jckpt.CorruptCheckpointError, match="step 7: .*manifest of step 2"):
+        jckpt.restore(tmp_path, step=7)
+
+
+def test_manifest_records_round_trip_through_json(tmp_path):
+    jckpt.save(tmp_path, {"w": np.ones((300, 300)), "k": jax.random.key(3), "n": None, "s": 1}, step=0)
+    manifest = Root(tmp_path).read_manifest(0)
+    again = fmt.Manifest.from_json(manifest.to_json(), step=0, where="memory")
+    assert again == manifest
+    assert {leaf.storage for leaf in manifest.leaves} == {fmt.CHUNKED, fmt.PACKED, fmt.NONE}

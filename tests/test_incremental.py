@@ -13,7 +13,10 @@ import pytest
 from helpers import assert_trees_equal
 
 import jckpt
-from jckpt import gc, layout
+from jckpt import format as fmt
+from jckpt import gc
+from jckpt import read as read_lib
+from jckpt.root import Root
 
 SMALL_CHUNKS = jckpt.SaveOptions(chunk_bytes=64 * 1024)
 
@@ -29,7 +32,7 @@ def _state(seed=0):
 
 
 def _manifest(root, step):
-    return layout.Root(root).read_manifest(step)
+    return Root(root).read_manifest(step)
 
 
 def test_unchanged_chunks_are_not_written(tmp_path):
@@ -42,8 +45,8 @@ def test_unchanged_chunks_are_not_written(tmp_path):
     assert info.bytes_total == full.bytes_total
     assert state["head"].nbytes <= info.bytes_written <= state["head"].nbytes + 4096  # + packed blob
     manifest = _manifest(tmp_path, 1)
-    frozen = next(x for x in manifest["leaves"] if x["path"] == "frozen")
-    assert {holder for _, holder in frozen["chunks"].values()} == {_manifest(tmp_path, 0)["data_dir"]}
+    frozen = next(x for x in manifest.leaves if x.path == "frozen")
+    assert {holder for _, holder in frozen.chunks.values()} == {_manifest(tmp_path, 0).data_dir}
     assert_trees_equal(jckpt.restore(tmp_path, like=state), state)
 
 
@@ -52,7 +55,7 @@ def test_nothing_changed_writes_almost_nothing(tmp_path):
     jckpt.save(tmp_path, state, step=0, options=SMALL_CHUNKS)
     info = jckpt.save(tmp_path, state, step=1, kind="incremental", options=SMALL_CHUNKS)
     assert info.bytes_written == 0
-    assert not (tmp_path / layout.step_dir(1) / _manifest(tmp_path, 1)["data_dir"].split("/")[1]).exists()
+    assert not (tmp_path / fmt.step_name(1) / _manifest(tmp_path, 1).data_dir.split("/")[1]).exists()
     assert_trees_equal(jckpt.restore(tmp_path), jckpt.restore(tmp_path, step=0))
 
 
@@ -67,7 +70,7 @@ def test_explicit_base(tmp_path):
     jckpt.save(tmp_path, b, step=1, options=SMALL_CHUNKS)
     info = jckpt.save(tmp_path, a, step=2, kind="incremental", base=0, options=SMALL_CHUNKS)
     assert info.bytes_written == 0
-    assert _manifest(tmp_path, 2)["base_step"] == 0
+    assert _manifest(tmp_path, 2).base_step == 0
     with pytest.raises(jckpt.CheckpointNotFoundError):
         jckpt.save(tmp_path, a, step=3, kind="incremental", base=7)
     with pytest.raises(ValueError, match="kind"):
@@ -99,23 +102,17 @@ def test_a_chain_restores_in_one_pass_after_deleting_the_middle(tmp_path):
         jckpt.save(tmp_path, state, step=step, kind="incremental", options=SMALL_CHUNKS)
     holders = {
         h
-        for _, h in next(x for x in _manifest(tmp_path, 5)["leaves"] if x["path"] == "frozen")[
-            "chunks"
-        ].values()
+        for _, h in next(x for x in _manifest(tmp_path, 5).leaves if x.path == "frozen").chunks.values()
     }
     assert len(holders) == 6  # chunks of "frozen" live in six saves
     for step in (0, 1, 2, 3, 4):
         jckpt.delete(tmp_path, step)
     assert jckpt.all_steps(tmp_path) == [5]
-    from jckpt import restoring
-
     manifest = _manifest(tmp_path, 5)
-    plans = [restoring.LeafPlan(leaf, restoring.Target("numpy", None, None)) for leaf in manifest["leaves"]]
-    reader = restoring.read_plans(layout.Root(tmp_path), manifest, plans)
-    assert (
-        reader.bytes_read
-        == sum(x.nbytes for x in (state["frozen"], state["head"])) + manifest["packed"]["nbytes"]
-    )  # every chunk exactly once
+    plans = [read_lib.LeafPlan(leaf, read_lib.Target("numpy", None, None)) for leaf in manifest.leaves]
+    reader = read_lib.read_plans(Root(tmp_path), manifest, plans)
+    blobs = sum(blob.nbytes for blob in manifest.blobs.values())
+    assert reader.bytes_read == state["frozen"].nbytes + state["head"].nbytes + blobs  # each chunk once
     assert_trees_equal(jckpt.restore(tmp_path, like=state), state)
     jckpt.verify(tmp_path)
 
@@ -151,10 +148,11 @@ def test_random_saves_and_deletes_keep_every_remaining_step_exact(tmp_path):
     for step, value in expected.items():
         assert_trees_equal(jckpt.restore(tmp_path, step=step, like=value), value)
         jckpt.verify(tmp_path, step=step)
-    root = layout.Root(tmp_path)
+    root = Root(tmp_path)
     assert gc.collect(root) == 0  # deletes already reclaimed everything unreferenced
-    referenced = set().union(*(jckpt.manifest.referenced_keys(_manifest(tmp_path, s)) for s in expected))
-    assert _all_keys(tmp_path) - {layout.ROOT_MARKER} == referenced
+    referenced = set().union(*(_manifest(tmp_path, s).referenced_keys() for s in expected))
+    referenced |= {fmt.manifest_key(s) for s in expected} | {fmt.ROOT_MARKER}
+    assert _all_keys(tmp_path) == referenced
 
 
 CHILD = textwrap.dedent(
@@ -201,6 +199,25 @@ def test_sigkill_during_incremental_saves_and_deletes_loses_nothing(tmp_path):
             state = jckpt.restore(root, step=step)
             assert state["step"] == step
             jckpt.verify(root, step=step)
-    gc.collect(layout.Root(root))
+    gc.collect(Root(root))
     for step in jckpt.all_steps(root):
         jckpt.verify(root, step=step)
+
+
+@pytest.mark.parametrize("leaf_shape", [(256,), (64, 64), (256, 256)])  # 1 KiB, 16 KiB, 256 KiB
+def test_incremental_save_of_small_leaves_writes_only_the_changed_ones(tmp_path, leaf_shape):
+    n, k = 40, 3
+    state = {f"layer_{i}": np.full(leaf_shape, i, np.float32) for i in range(n)}
+    full = jckpt.save(tmp_path, state, step=0)
+    packed = sum(v.nbytes for v in state.values())
+    assert all(leaf.storage == fmt.PACKED for leaf in _manifest(tmp_path, 0).leaves)
+    for i in (3, 17, 31):  # scattered through the blob
+        state[f"layer_{i}"] = state[f"layer_{i}"] + 1
+    info = jckpt.save(tmp_path, state, step=1, kind="incremental")
+    assert full.bytes_written >= packed
+    assert info.bytes_written <= k / n * packed + 64 * 1024
+    assert info.bytes_written >= k * state["layer_0"].nbytes
+    assert_trees_equal(jckpt.restore(tmp_path, like=state), state)
+    jckpt.delete(tmp_path, 0)  # the unchanged leaves still live in step 0's blob
+    assert_trees_equal(jckpt.restore(tmp_path, like=state), state)
+    jckpt.verify(tmp_path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import jckpt
+from jckpt.root import Root
 
 pytestmark = pytest.mark.slow
 
@@ -91,11 +92,11 @@ def test_two_processes_save_restores_on_one_two_and_four(tmp_path):
     assert saved[0]["info"] == saved[1]["info"]  # every process reports the committed step
     assert jckpt.all_steps(ckpt) == [10]
     # small leaves sharded across the processes go into one packed blob per process, not an array each
-    manifest = jckpt.layout.Root(ckpt).read_manifest(10)
-    assert sorted(manifest["blobs"]) == ["packed-p0", "packed-p1"]
-    shard_packed = [leaf for leaf in manifest["leaves"] if "shards" in leaf]
+    manifest = Root(ckpt).read_manifest(10)
+    assert sorted(blob.name for blob in manifest.blobs.values()) == ["packed-p0", "packed-p1"]
+    shard_packed = [leaf for leaf in manifest.leaves if len(leaf.pieces) > 1]
     assert shard_packed and all(
-        {s["blob"] for s in leaf["shards"]} == set(manifest["blobs"]) for leaf in shard_packed
+        {piece.blob for piece in leaf.pieces} == set(manifest.blobs) for leaf in shard_packed
     )
     four = run("restore", 4, tmp_path / "g4", dir=ckpt, step=10, targets=[[[4, 2], ""], [[2, 4], "t"]])
     assert all(r["checked"]["[4, 2]"] > 0 and r["checked"]["[2, 4]t"] > 0 for r in four)

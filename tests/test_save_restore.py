@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_trees_equal
 
 import jckpt
+from jckpt.root import Root
 
 DTYPES = [
     "float32",
@@ -159,13 +160,13 @@ def test_like_subset_reads_only_what_is_asked(tmp_path):
     state = {"params": params, "opt": {"mu": jnp.zeros((512, 512)), "nu": jnp.zeros((512, 512))}}
     jckpt.save(tmp_path, state, step=0)
     # remove the optimizer's data files: restoring params must not touch them
-    manifest = jckpt.layout.Root(tmp_path).read_manifest(0)
+    manifest = Root(tmp_path).read_manifest(0)
     import shutil
 
-    for leaf in manifest["leaves"]:
-        if leaf["path"].startswith("opt/"):
-            source = next(iter(leaf["chunks"].values()))[1]
-            shutil.rmtree(tmp_path / source / leaf["array"])
+    for leaf in manifest.leaves:
+        if leaf.path.startswith("opt/"):
+            source = next(iter(leaf.chunks.values()))[1]
+            shutil.rmtree(tmp_path / source / leaf.array)
     restored = jckpt.restore(tmp_path, like={"params": params})
     assert_trees_equal(restored, {"params": params})
     with pytest.raises(jckpt.CorruptCheckpointError):
@@ -194,7 +195,7 @@ def test_multiple_steps_latest_and_by_step(tmp_path):
 def test_leaf_larger_than_2gib(tmp_path):
     big = np.arange(2**31 + 2**20, dtype=np.uint8)  # 2 GiB + 1 MiB, chunked
     jckpt.save(tmp_path, {"big": big}, step=0)
-    manifest = jckpt.layout.Root(tmp_path).read_manifest(0)
-    assert len(manifest["leaves"][0]["chunks"]) > 100
+    manifest = Root(tmp_path).read_manifest(0)
+    assert len(manifest.leaves[0].chunks) > 100
     restored = jckpt.restore(tmp_path)["big"]
     assert restored.shape == big.shape and np.array_equal(restored, big)

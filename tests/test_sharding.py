@@ -8,6 +8,9 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jckpt
+from jckpt import format as fmt
+from jckpt import read as read_lib
+from jckpt.root import Root
 
 
 def _mesh(shape):
@@ -35,17 +38,17 @@ def test_eight_fake_devices():
 def test_chunks_tile_the_shards(tmp_path, chunk_bytes):
     state = _state()
     jckpt.save(tmp_path, state, step=0, options=jckpt.SaveOptions(chunk_bytes=chunk_bytes))
-    manifest = jckpt.layout.Root(tmp_path).read_manifest(0)
-    for leaf in manifest["leaves"]:
-        if "array" not in leaf:
+    manifest = Root(tmp_path).read_manifest(0)
+    for leaf in manifest.leaves:
+        if leaf.storage != fmt.CHUNKED:
             continue
-        array = state[leaf["path"]]
-        chunk = leaf["chunk_shape"]
+        array = state[leaf.path]
+        chunk = leaf.chunk_shape
         for index in array.sharding.devices_indices_map(array.shape).values():
             for dim, sl in enumerate(index):
                 start = sl.start or 0
-                assert start % chunk[dim] == 0, (leaf["path"], index, chunk)
-        assert len(leaf["chunks"]) == np.prod([-(-n // c) for n, c in zip(leaf["shape"], chunk)])
+                assert start % chunk[dim] == 0, (leaf.path, index, chunk)
+        assert len(leaf.chunks) == np.prod([-(-n // c) for n, c in zip(leaf.shape, chunk)])
 
 
 def test_replicated_data_is_written_once(tmp_path):
@@ -96,13 +99,12 @@ def test_each_device_reads_only_its_region(tmp_path):
     w = jnp.arange(512 * 256, dtype=jnp.float32).reshape(512, 256)  # 512 KiB: not packed
     mesh = _mesh((8, 1))
     jckpt.save(tmp_path, {"w": jax.device_put(w, NamedSharding(mesh, P("x")))}, step=0)
-    leaf = jckpt.layout.Root(tmp_path).read_manifest(0)["leaves"][0]
-    assert leaf["chunk_shape"] == [64, 256]  # one chunk per shard
-    from jckpt import restoring as restore_lib
+    leaf = Root(tmp_path).read_manifest(0).leaves[0]
+    assert leaf.chunk_shape == (64, 256)  # one chunk per shard
 
-    target = restore_lib.Target("jax", None, NamedSharding(_mesh((2, 4)), P("x", None)))
-    plan = restore_lib.LeafPlan(leaf, target)
+    target = read_lib.Target("jax", None, NamedSharding(_mesh((2, 4)), P("x", None)))
+    plan = read_lib.LeafPlan(leaf, target)
     assert len(plan.regions) == 2  # two distinct row blocks (replicated over "y")
-    root = jckpt.layout.Root(tmp_path)
-    reader = restore_lib.read_plans(root, root.read_manifest(0), [plan])
+    root = Root(tmp_path)
+    reader = read_lib.read_plans(root, root.read_manifest(0), [plan])
     assert reader.bytes_read == w.nbytes

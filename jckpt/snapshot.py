@@ -1,9 +1,14 @@
 """Snapshot: a pytree copied to host memory as the data a save will write.
 
 Taking a snapshot is the only blocking part of an async save: it copies each
-replica-0 shard this process owns to host memory (starting every
+replica-0 shard this process writes to host memory (starting every
 device-to-host copy before waiting on any).  After it returns, the caller may
 mutate or donate its buffers; the snapshot keeps the values of the call.
+
+Each leaf is planned here as ``chunked`` (a zarr3 array of its own) or
+``packed`` (small: its bytes go into a per-process blob), and holds exactly
+the shards this process writes: every replica-0 shard it owns of a sharded
+jax array, and on process 0 alone the whole of everything else.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from jckpt import chunking, tree
+from jckpt import format as fmt
 from jckpt.errors import UnsupportedLeafError
 
 # Data types tensorstore's zarr3 driver stores natively; others are stored as an
@@ -27,9 +33,6 @@ ZARR3_DTYPES = frozenset(
     "float8_e8m0fnu".split()
 )
 
-# Leaves of at most this many bytes that this process holds whole are packed together.
-PACK_LIMIT_BYTES = 256 * 2**10
-
 
 class Shard(NamedTuple):
     region: chunking.Region  # global index of this shard
@@ -37,26 +40,23 @@ class Shard(NamedTuple):
 
 
 class LeafSnapshot(NamedTuple):
+    """One leaf: its description (the same on every process) and the shards this process writes."""
+
     path: str
     parts: list  # key-path parts (see tree.flatten)
     origin: str  # "jax" | "numpy" | "python" | "none"
+    storage: str  # format.NONE | format.CHUNKED | format.PACKED
     dtype: str  # logical dtype name ("" for None)
     stored_dtype: str
     shape: tuple[int, ...]
     steps: tuple[int, ...]  # chunk-grid strides imposed by the sharding
-    shards: list[Shard]  # replica-0 shards held by this process (may be empty)
-    packing: str  # "whole": small, held whole (process 0's blob); "shards": small, sharded
-    #               across processes (each packs its own shards); "": a chunked array
+    shards: list[Shard]  # the shards this process writes (may be empty)
     extra: dict  # prng_impl, py_type, numpy_scalar
 
 
 class Snapshot(NamedTuple):
     leaves: list[LeafSnapshot]
     process_index: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.data.nbytes for leaf in self.leaves for s in leaf.shards)
 
 
 def stored_dtype(dtype: np.dtype) -> np.dtype:
@@ -66,39 +66,50 @@ def stored_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"uint{dtype.itemsize * 8}")
 
 
+def _storage(dtype: np.dtype, shape: tuple[int, ...]) -> str:
+    return fmt.PACKED if dtype.itemsize * math.prod(shape) <= fmt.PACK_LIMIT_BYTES else fmt.CHUNKED
+
+
 def _to_stored(host: np.ndarray, dtype: np.dtype) -> np.ndarray:
     target = stored_dtype(dtype)
     return host if target == dtype else host.view(target)
 
 
-def _numpy_leaf(path, parts, value, origin, copy, extra) -> LeafSnapshot:
-    array = np.array(value, copy=True) if copy else np.asarray(value)
+def _whole(shape: tuple[int, ...]) -> chunking.Region:
+    return tuple(slice(0, n) for n in shape)
+
+
+def _numpy_leaf(path, parts, value, origin, copy, extra, primary) -> LeafSnapshot:
+    array = np.asarray(value)
     if not (array.dtype.kind in "biufc" or hasattr(ml_dtypes, array.dtype.name)):
         raise UnsupportedLeafError(f"leaf {path!r}: arrays of dtype {array.dtype} cannot be checkpointed")
-    stored = _to_stored(array, array.dtype)
-    full = tuple(slice(0, n) for n in array.shape)
+    dtype = array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype
+    stored = stored_dtype(dtype)
+    shards = []
+    if primary:  # host values are written by process 0 alone
+        if dtype != array.dtype:  # big-endian: stored as little-endian (a copy)
+            array = array.astype(dtype)
+        elif copy:
+            array = np.array(array, copy=True)
+        shards = [Shard(_whole(array.shape), _to_stored(array, dtype))]
     return LeafSnapshot(
-        path,
-        parts,
-        origin,
-        array.dtype.name,
-        stored.dtype.name,
-        array.shape,
-        array.shape,
-        [Shard(full, stored)],
-        "whole" if array.nbytes <= PACK_LIMIT_BYTES else "",
-        extra,
+        path, parts, origin, _storage(dtype, array.shape), dtype.name, stored.name, array.shape,
+        array.shape, shards, extra,
     )
 
 
-def _python_scalar(path, parts, value) -> LeafSnapshot:
+def _python_scalar(path, parts, value, primary) -> LeafSnapshot:
     kind = type(value).__name__
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         raise UnsupportedLeafError(f"leaf {path!r}: int {value} does not fit in int64")
-    return _numpy_leaf(path, parts, np.asarray(value), "python", False, {"py_type": kind})
+    return _numpy_leaf(path, parts, np.asarray(value), "python", False, {"py_type": kind}, primary)
 
 
-def _jax_leaf(path, parts, array: jax.Array, copy: bool) -> LeafSnapshot:
+def _jax_leaf(path, parts, array: jax.Array, copy: bool, primary: bool) -> LeafSnapshot:
+    if isinstance(array, jax.core.Tracer):
+        raise UnsupportedLeafError(
+            f"leaf {path!r} is a jax tracer: save concrete arrays, outside jit / grad / vmap"
+        )
     extra = {}
     if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
         extra["prng_impl"] = str(jax.random.key_impl(array))
@@ -108,13 +119,14 @@ def _jax_leaf(path, parts, array: jax.Array, copy: bool) -> LeafSnapshot:
     indices = array.sharding.devices_indices_map(shape)
     starts = [[chunking.normalize(i, shape)[d].start for d in range(len(shape))] for i in indices.values()]
     steps = tuple(chunking.grid_steps(shape, starts))
+    storage = _storage(dtype, shape)
     whole = array.is_fully_addressable or array.is_fully_replicated
-    small = dtype.itemsize * math.prod(shape) <= PACK_LIMIT_BYTES
-    if whole and small:
-        source = array if array.is_fully_addressable else array.addressable_shards[0].data
-        host = np.array(source) if copy else np.asarray(source)
-        full = tuple(slice(0, n) for n in shape)
-        shards = [Shard(full, _to_stored(host, dtype))]
+    if storage == fmt.PACKED and whole:  # small and held whole: process 0 writes it
+        shards = []
+        if primary:
+            source = array if array.is_fully_addressable else array.addressable_shards[0].data
+            host = np.array(source) if copy else np.asarray(source)
+            shards = [Shard(_whole(shape), _to_stored(host, dtype))]
     else:
         owned = [s for s in array.addressable_shards if s.replica_id == 0]
         for s in owned:  # start every device-to-host copy before waiting on one
@@ -126,16 +138,7 @@ def _jax_leaf(path, parts, array: jax.Array, copy: bool) -> LeafSnapshot:
                 host = host.copy()  # on CPU np.asarray aliases the device buffer
             shards.append(Shard(chunking.normalize(s.index, shape), _to_stored(host, dtype)))
     return LeafSnapshot(
-        path,
-        parts,
-        "jax",
-        dtype.name,
-        stored_dtype(dtype).name,
-        shape,
-        steps,
-        shards,
-        ("whole" if whole else "shards") if small else "",
-        extra,
+        path, parts, "jax", storage, dtype.name, stored_dtype(dtype).name, shape, steps, shards, extra
     )
 
 
@@ -149,28 +152,29 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
         buffers after this returns.  ``jckpt.save`` passes False.
 
     Returns:
-      A Snapshot holding this process's replica-0 shards.
+      A Snapshot holding the shards this process writes.
 
     Raises:
       UnsupportedLeafError: a leaf of an unsupported type (names its key path).
 
     Example:
       >>> snap = snapshot({"w": np.ones(3)})
-      >>> snap.leaves[0].path, snap.nbytes
-      ('w', 24)
+      >>> snap.leaves[0].path, snap.leaves[0].storage
+      ('w', 'packed')
     """
     flat, _ = tree.flatten(state)
+    primary = jax.process_index() == 0
     leaves = []
     for path, parts, leaf in flat:
         if leaf is None:
-            leaves.append(LeafSnapshot(path, parts, "none", "", "", (), (), [], "", {}))
+            leaves.append(LeafSnapshot(path, parts, "none", fmt.NONE, "", "", (), (), [], {}))
         elif isinstance(leaf, jax.Array):
-            leaves.append(_jax_leaf(path, parts, leaf, copy))
+            leaves.append(_jax_leaf(path, parts, leaf, copy, primary))
         elif isinstance(leaf, (np.ndarray, np.generic)):
             extra = {"numpy_scalar": True} if isinstance(leaf, np.generic) else {}
-            leaves.append(_numpy_leaf(path, parts, leaf, "numpy", copy, extra))
+            leaves.append(_numpy_leaf(path, parts, leaf, "numpy", copy, extra, primary))
         elif isinstance(leaf, (bool, int, float, complex)):
-            leaves.append(_python_scalar(path, parts, leaf))
+            leaves.append(_python_scalar(path, parts, leaf, primary))
         else:
             raise UnsupportedLeafError(
                 f"leaf {path!r} has unsupported type {type(leaf).__name__}; leaves must be "

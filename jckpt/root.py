@@ -1,0 +1,214 @@
+"""A checkpoint root: its keys, its marker, its committed steps and the commit itself.
+
+::
+
+    ROOT/
+      jckpt.json                        root marker: format, version, checksum
+      manifests/step_00000100.json      the manifest of step 100: its commit marker, written last
+      step_00000100/d5f3a2b1c/          data of the save that wrote step 100
+        packed-p0/                      small leaves of process 0, packed into one uint8 zarr3 array
+        <array id>/zarr.json, c/...     one zarr3 array per large leaf, one file per chunk
+
+A step is committed exactly when its manifest exists.  Data directories carry
+a random save id, so a step number can be reused after a delete while older
+data under it is still referenced by an incremental save.  Everything is
+relative to ROOT: a root can be moved or copied.
+
+Version-1 roots (manifests at ``step_<N>/manifest.json``) are read as they
+are; the first save into one upgrades it (:meth:`Root.ensure`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+import tensorstore as ts
+
+from jckpt import format as fmt
+from jckpt import storage
+from jckpt.errors import CheckpointNotFoundError, NotACheckpointRootError
+
+
+class Root:
+    """A checkpoint root: its kvstore plus the small operations on it.
+
+    Args:
+      directory: a local path or a URL (see ``jckpt.storage.kvstore_spec``).
+      ctx: a tensorstore context to share (default: a new one).
+    """
+
+    def __init__(self, directory: str | os.PathLike, ctx: ts.Context | None = None):
+        self.directory = os.fspath(directory)
+        self.spec = storage.kvstore_spec(directory)
+        self.ctx = ctx or storage.context()
+        self.kv = ts.KvStore.open(self.spec, context=self.ctx).result()
+        self._version: int | None = None
+
+    def where(self, key: str) -> str:
+        """A key's location for messages."""
+        return f"{self.directory.rstrip('/')}/{key}"
+
+    # -- raw keys -------------------------------------------------------------
+    def read(self, key: str) -> bytes | None:
+        result = self.kv.read(key).result()
+        return result.value if result.state == "value" else None
+
+    def write(self, key: str, value: bytes) -> None:
+        """Atomically and durably writes one key (file: temp file, fsync, rename, fsync dir).
+
+        Tensorstore's file kvstore writes ``<key>.__lock`` and renames it into
+        place, but reuses a stale lock file left by a killed writer without
+        truncating it, so its old tail would end up in the new value.  Such a
+        leftover is removed first.
+        """
+        path = storage.local_path(self.spec)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, key + storage.LOCK_SUFFIX))
+        self.kv.write(key, value).result()
+
+    def delete(self, *keys: str) -> None:
+        """Deletes exactly the given keys (concurrently); missing keys are ignored."""
+        futures = [self.kv.delete_range(ts.KvStore.KeyRange(k, k + "\x00")) for k in keys]
+        for future in futures:
+            future.result()
+
+    def remove_tree(self, prefix: str) -> None:
+        """Deletes the directory ``prefix`` (ending in "/") and everything under it."""
+        storage.remove_tree(self.spec, self.kv, prefix)
+
+    def list(self, prefix: str = "") -> list[str]:
+        if prefix:
+            end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            keys = self.kv.list(ts.KvStore.KeyRange(prefix, end)).result()
+        else:
+            keys = self.kv.list().result()
+        return [k.decode() for k in keys if not k.decode().endswith(storage.LOCK_SUFFIX)]
+
+    # -- the root marker ------------------------------------------------------
+    def exists(self) -> bool:
+        return self.read(fmt.ROOT_MARKER) is not None
+
+    @property
+    def version(self) -> int:
+        """The root's format version, from its marker.
+
+        Raises:
+          CheckpointNotFoundError: no root marker.
+          CorruptCheckpointError: a damaged marker.
+          UnsupportedFormatError: a newer format.
+        """
+        if self._version is None:
+            raw = self.read(fmt.ROOT_MARKER)
+            if raw is None:
+                raise CheckpointNotFoundError(f"no jckpt checkpoints at {self.directory!r}")
+            self._version = fmt.read_root_marker(raw, self.where(fmt.ROOT_MARKER))
+        return self._version
+
+    def check_version(self) -> None:
+        """Raises unless this is a root of a readable version (see :attr:`version`)."""
+        self.version  # noqa: B018
+
+    def ensure(self) -> None:
+        """Makes this a root of the current version, ready for a save.
+
+        Creates the marker in an empty or new directory (refusing a non-empty
+        one that is not a jckpt root) and upgrades a version-1 root.
+        """
+        if self.exists():
+            if self.version < fmt.VERSION:
+                self._upgrade()
+            return
+        if not self._is_empty():
+            raise NotACheckpointRootError(
+                f"{self.directory!r} is not empty and holds no {fmt.ROOT_MARKER}: refusing to write "
+                "checkpoints into it (give an empty or new directory)"
+            )
+        self.write(fmt.ROOT_MARKER, fmt.root_marker())
+        self._version = fmt.VERSION
+
+    def _upgrade(self) -> None:
+        """Rewrites a version-1 root's manifests as version 2, then its marker.
+
+        Idempotent: a crash before the marker is rewritten leaves a version-1
+        root that the next save upgrades again; the old manifests left by a
+        crash after it are unreferenced and collected by ``jckpt gc``.
+        """
+        steps = self.committed_steps()
+        for step in steps:
+            self.write(fmt.manifest_key(step), self.read_manifest(step).to_json())
+        self.write(fmt.ROOT_MARKER, fmt.root_marker())
+        self._version = fmt.VERSION
+        self.delete(*(fmt.v1_manifest_key(step) for step in steps))
+
+    def _is_empty(self) -> bool:
+        path = storage.local_path(self.spec)
+        if path is not None:
+            if not os.path.exists(path):
+                return True
+            if not os.path.isdir(path):
+                raise NotADirectoryError(f"checkpoint root {self.directory!r} is a file")
+            with os.scandir(path) as entries:
+                return next(entries, None) is None
+        return not self.list()
+
+    # -- steps ----------------------------------------------------------------
+    def committed_steps(self) -> list[int]:
+        """Steps whose manifest exists, ascending."""
+        if self.version >= 2:
+            names = self._names(fmt.MANIFESTS + "/", files=True)
+            steps = (fmt.parse_step_name(n[: -len(".json")]) for n in names if n.endswith(".json"))
+            return sorted(s for s in steps if s is not None)
+        steps = (fmt.parse_step_name(n) for n in self._names("", files=False))
+        return sorted(s for s in steps if s is not None and self.read(fmt.v1_manifest_key(s)) is not None)
+
+    def _names(self, prefix: str, *, files: bool) -> list[str]:
+        """Names of files (or directories) directly under ``prefix`` (a directory or "")."""
+        path = storage.local_path(self.spec)
+        if path is not None:
+            directory = os.path.join(path, prefix)
+            if not os.path.isdir(directory):
+                return []
+            with os.scandir(directory) as entries:
+                return [e.name for e in entries if (e.is_file() if files else e.is_dir())]
+        names = set()
+        for key in self.list(prefix or "step_"):
+            head, _, tail = key[len(prefix) :].partition("/")
+            if bool(tail) != files:
+                names.add(head)
+        return sorted(names)
+
+    def manifest_key(self, step: int) -> str:
+        """Where the manifest of ``step`` is in this root's version."""
+        return fmt.manifest_key(step) if self.version >= 2 else fmt.v1_manifest_key(step)
+
+    def read_manifest(self, step: int) -> fmt.Manifest:
+        """The manifest of committed ``step``.
+
+        Raises:
+          CheckpointNotFoundError: ``step`` is not committed.
+          CorruptCheckpointError: the manifest is damaged (names the step).
+        """
+        key = self.manifest_key(step)
+        raw = self.read(key)
+        if raw is None:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {step} at {self.directory!r}"
+                f" (committed: {self.committed_steps()})"
+            )
+        return fmt.Manifest.from_json(raw, step=step, where=self.where(key))
+
+    def commit(self, manifest: fmt.Manifest) -> None:
+        """Writes ``manifest`` (the step becomes visible, atomically)."""
+        self.write(fmt.manifest_key(manifest.step), manifest.to_json())
+
+    def uncommit(self, step: int) -> None:
+        """Deletes the manifest of ``step`` (the step disappears, atomically)."""
+        self.delete(self.manifest_key(step))
+
+
+def new_data_dir(step: int) -> str:
+    """A fresh, unique data directory for one save of ``step``."""
+    return f"{fmt.step_name(step)}/d{secrets.token_hex(4)}"
