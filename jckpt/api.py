@@ -7,6 +7,7 @@ layers below (snapshot -> write, read -> place, gc) and, under
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 
 from jckpt import format as fmt
-from jckpt import gc, multihost, place, storage, tree
+from jckpt import gc, lease, multihost, place, storage, tree
 from jckpt import read as read_lib
 from jckpt import write as write_lib
 from jckpt.errors import CheckpointNotFoundError, StepExistsError, TreeMismatchError
@@ -177,33 +178,29 @@ def save_snapshot(
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
     root = Root(directory)
     op = multihost.Operation("save", root.directory, step)
-    base_on_primary: dict[int, fmt.Manifest] = {}  # the base manifest process 0 already read
+    base_manifest: fmt.Manifest | None = None  # read by process 0 in prepare(), by the others in write()
+    holder: lease.Holder | None = None  # process 0's hold on the writer lease, if this save took it
 
     def prepare() -> list:
+        nonlocal base_manifest, holder
         root.ensure()
+        held, created = lease.hold(root)
+        holder = held if created else None
         if step in root.committed_steps():
             raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
+        data_dir = new_data_dir(step)
         base_manifest = _resolve_base(root, kind, base)
+        pins = tuple(sorted(base_manifest.data_dirs())) if base_manifest is not None else ()
+        held.update(data_dir=data_dir, pins=pins)
         gc.remove_uncommitted(root)
-        if base_manifest is None:
-            return [new_data_dir(step), None]
-        base_on_primary[base_manifest.step] = base_manifest
-        return [new_data_dir(step), base_manifest.step]
-
-    data_dir, base_step = op.on_primary("prepare", prepare)
-    records = write_lib.plan(snap, options)  # the same on every process (checked at commit)
+        return [data_dir, base_manifest.step if base_manifest is not None else None]
 
     def write() -> fmt.Fragment:
-        try:
-            base_manifest = None
-            if base_step is not None:
-                base_manifest = base_on_primary.get(base_step) or root.read_manifest(base_step)
+        nonlocal base_manifest
+        with _os_errors():
+            if base_step is not None and base_manifest is None:
+                base_manifest = root.read_manifest(base_step)
             return write_lib.write_fragment(root, data_dir, snap, records, options, base_manifest)
-        except BaseException as e:
-            error = storage.as_os_error(e)
-            if error is e:
-                raise
-            raise error from e
 
     def commit(fragments: list[fmt.Fragment]) -> fmt.CheckpointInfo:
         write_lib.check_fragments(step, fragments)
@@ -219,23 +216,36 @@ def save_snapshot(
             created=time.time() if created is None else created,
             save_seconds=time.perf_counter() - started,
         )
-        try:
+        with _os_errors():
             root.commit(manifest)
-        except BaseException as e:
-            error = storage.as_os_error(e)
-            if error is e:
-                raise
-            raise error from e
         return manifest.info()
 
-    return op.all_then_primary(
-        "write",
-        write,
-        commit,
-        lambda: gc.discard(root, data_dir),
-        work_codec=(fmt.Fragment.to_json, fmt.Fragment.from_json),
-        result_codec=(fmt.info_to_json, fmt.info_from_json),
-    )
+    try:
+        data_dir, base_step = op.on_primary("prepare", prepare)
+        records = write_lib.plan(snap, options)  # the same on every process (checked at commit)
+        return op.all_then_primary(
+            "write",
+            write,
+            commit,
+            lambda: gc.discard(root, data_dir),
+            work_codec=(fmt.Fragment.to_json, fmt.Fragment.from_json),
+            result_codec=(fmt.info_to_json, fmt.info_from_json),
+        )
+    finally:
+        if holder is not None:
+            lease.let_go(root)
+
+
+@contextlib.contextmanager
+def _os_errors():
+    """Tensorstore's I/O errors (ValueError with an errno) re-raised as OSError with that errno."""
+    try:
+        yield
+    except Exception as e:
+        error = storage.as_os_error(e)
+        if error is e:
+            raise
+        raise error from e
 
 
 def save(

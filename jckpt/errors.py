@@ -8,6 +8,8 @@ Each subclasses a standard exception, so callers may catch either::
         state = init()
 """
 
+import errno
+
 
 class CheckpointNotFoundError(FileNotFoundError):
     """No committed checkpoint (or not the requested step) exists at a root."""
@@ -55,3 +57,20 @@ class CheckpointSaveError(RuntimeError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class RootLockedError(OSError):
+    """Another live process is writing to this checkpoint root (one writer per root).
+
+    An ``OSError`` with ``errno.EBUSY``.
+
+    Attributes:
+      holder: the lease of the process holding the root (host, pid, since, expires).
+    """
+
+    def __init__(self, message: str, holder=None):
+        super().__init__(errno.EBUSY, message)
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return self.strerror

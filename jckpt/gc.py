@@ -1,10 +1,17 @@
 """Reclaiming space: uncommitted leftovers, deleted steps, unreferenced chunks.
 
 The rule is one: a key under ``step_*`` survives iff a committed manifest
-references it (see ``Manifest.referenced_keys``).  Deleting a step removes
-its manifest first (the step disappears atomically), then whatever no
-remaining manifest references, so a crash at any point loses nothing that is
-kept.
+references it (see ``Manifest.referenced_keys``) or it lies in a data
+directory that a live writer protects (the save in flight and the data
+directories it reuses, see ``jckpt.lease``).  Deleting a step removes its
+manifest first (the step disappears atomically), then whatever nothing
+references, so a crash at any point loses nothing that is kept.
+
+Collectors may run beside a live writer in other processes: they list the
+keys *before* reading the manifests and the lease, so a step committed in
+between is either read (and its keys kept) or its keys were not yet listed;
+and a save's data is protected by the lease from before its first byte is
+written until its manifest is committed.
 """
 
 from __future__ import annotations
@@ -12,12 +19,20 @@ from __future__ import annotations
 import os
 
 from jckpt import format as fmt
-from jckpt import storage
+from jckpt import lease, storage
+from jckpt.errors import CheckpointNotFoundError
 from jckpt.root import Root
 
 
 def _manifests(root: Root) -> list[fmt.Manifest]:
-    return [root.read_manifest(step) for step in root.committed_steps()]
+    """The committed manifests (those deleted meanwhile by another process are skipped)."""
+    manifests = []
+    for step in root.committed_steps():
+        try:
+            manifests.append(root.read_manifest(step))
+        except CheckpointNotFoundError:
+            continue
+    return manifests
 
 
 def _local_step_dirs(path: str) -> list[os.DirEntry]:
@@ -65,12 +80,19 @@ def _remove_stale_manifest_locks(root: Root) -> None:
                     os.unlink(entry.path)
 
 
+def _protected(root: Root) -> set[str]:
+    """Data directories another live writer is using (its save in flight, its base)."""
+    holder = lease.others(root)
+    return set() if holder is None else {holder.data_dir, *holder.pins} - {""}
+
+
 def remove_uncommitted(root: Root) -> list[str]:
     """Deletes leftover data directories of saves that never committed.
 
     Candidates are data directories under a step without a manifest, or under
     a step holding more than one; each is deleted unless a committed manifest
-    references it.  In the common case (no crash, no deletes) no manifest is read.
+    references it or another live writer protects it.  In the common case (no
+    crash, no deletes) no manifest is read.
 
     Returns:
       The data directories removed.
@@ -84,7 +106,7 @@ def remove_uncommitted(root: Root) -> list[str]:
     if not candidates:
         return []
     referenced = set().union(set(), *(m.data_dirs() for m in _manifests(root)))
-    removed = sorted(candidates - referenced)
+    removed = sorted(candidates - referenced - _protected(root))
     for data_dir in removed:
         root.remove_tree(data_dir + "/")
         storage.prune_empty_dirs(root.spec, data_dir)
@@ -97,11 +119,12 @@ def collect(root: Root) -> int:
     Returns:
       The number of keys (files) deleted.
     """
-    steps = root.committed_steps()
-    referenced = {root.manifest_key(step) for step in steps}  # version-1 manifests live under step_*
-    for step in steps:
-        referenced |= root.read_manifest(step).referenced_keys()
-    garbage = [k for k in root.list("step_") if k not in referenced]
+    keys = root.list("step_")  # first: a step committed after this is read below
+    referenced = {root.manifest_key(s) for s in root.committed_steps()}  # v1 manifests live under step_*
+    for manifest in _manifests(root):
+        referenced |= manifest.referenced_keys()
+    protected = _protected(root)
+    garbage = [k for k in keys if k not in referenced and "/".join(k.split("/")[:2]) not in protected]
     root.delete(*garbage)
     for data_dir in {"/".join(key.split("/")[:2]) for key in garbage}:
         storage.prune_empty_dirs(root.spec, data_dir)

@@ -31,9 +31,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jckpt import api, multihost
+from jckpt import api, lease, multihost
 from jckpt import policy as P
 from jckpt.errors import CheckpointNotFoundError, CheckpointSaveError, StepExistsError
+from jckpt.root import Root
 from jckpt.snapshot import snapshot
 
 __all__ = ["CheckpointManager", "CheckpointSaveError"]
@@ -106,6 +107,7 @@ class CheckpointManager:
         if policy is not None and not isinstance(policy, P.Policy):
             raise TypeError(f"policy must be a jckpt.policy.Policy, got {type(policy).__name__}")
         self._directory = directory
+        self._lease_root: Root | None = None  # set while this manager holds the root's writer lease
         self._policy = policy if policy is not None else P.combine()
         self._async = bool(async_save)
         self._clock = clock
@@ -228,6 +230,11 @@ class CheckpointManager:
             raise ValueError(f"metadata key {P.META_KEY!r} is reserved for the manager")
         started = self._clock()
         self._collect(raise_error=True)  # back-pressure: one save in flight
+        if self._lease_root is None and multihost.is_primary():  # one writer per root, from now to close()
+            root = Root(self._directory)
+            root.ensure()
+            lease.hold(root)
+            self._lease_root = root
         snap = snapshot(state, copy=_needs_copy(state))
         blocking = max(0.0, float(self._clock()) - float(started))
         if kind == "incremental" and not self._history:
@@ -367,6 +374,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._uninstall_handlers()
+            if self._lease_root is not None:
+                lease.let_go(self._lease_root)
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -1,0 +1,209 @@
+"""The writer lease: one writer per root at a time, and what collectors must leave alone.
+
+A save holds ``leases/writer.json`` while it runs (a ``CheckpointManager`` from
+its first save until ``close``): who holds it (host, pid, a per-process
+token), since when, until when, the data directory of the save in flight and
+the data directories it reuses (an incremental save's base).  A background
+thread renews it every ``ttl / 4`` seconds.
+
+* A second writer finds a live lease and is refused with
+  :class:`RootLockedError` naming the holder.  A lease expires ``ttl`` seconds
+  after its last renewal; a lease whose holder is a dead process on this host
+  is taken over at once (a trainer killed with ``kill -9`` resumes without
+  waiting).
+* ``delete``, ``jckpt gc`` and ``jckpt rm`` from other processes read the lease
+  and never delete the in-flight data directory or a pinned one.
+
+Acquisition is a conditional write (tensorstore ``if_equal`` generations), so
+two writers racing for a free root cannot both win, on local disks and on
+object stores alike.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any, NamedTuple
+
+from jckpt import format as fmt
+from jckpt.errors import CorruptCheckpointError, RootLockedError
+from jckpt.root import Root
+
+KEY = "leases/writer.json"
+DEFAULT_TTL_SECONDS = 120.0
+_TOKEN = secrets.token_hex(8)  # this process's identity (pids are reused)
+
+
+class Lease(NamedTuple):
+    """The content of a writer lease."""
+
+    host: str
+    pid: int
+    token: str
+    since: float
+    expires: float
+    data_dir: str  # the save in flight ("" between saves)
+    pins: tuple[str, ...]  # data directories it reuses
+
+    def mine(self) -> bool:
+        return self.token == _TOKEN
+
+    def live(self, now: float | None = None) -> bool:
+        """Whether the lease still binds others (unexpired, and its holder not known dead)."""
+        if (now or time.time()) >= self.expires:
+            return False
+        if self.host == socket.gethostname() and not self.mine():
+            return _alive(self.pid)
+        return True
+
+    def describe(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        until = time.strftime("%H:%M:%S", time.localtime(self.expires))
+        return f"host {self.host}, pid {self.pid}, since {since} (expires {until} unless renewed)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read(root: Root) -> tuple[Lease | None, Any]:
+    """The current lease (or None) and its storage generation."""
+    result = root.kv.read(KEY).result()
+    if result.state != "value":
+        return None, result.stamp.generation
+    doc = fmt.decode_document(result.value, root.where(KEY))
+    try:
+        lease = Lease(
+            str(doc["host"]), int(doc["pid"]), str(doc["token"]), float(doc["since"]), float(doc["expires"]),
+            str(doc["data_dir"]), tuple(str(p) for p in doc["pins"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{root.where(KEY)} is malformed: {e!r}") from e
+    return lease, result.stamp.generation
+
+
+def _encode(lease: Lease) -> bytes:
+    return fmt.encode_document({"format": fmt.FORMAT, "version": fmt.VERSION, **lease._asdict()})
+
+
+def others(root: Root) -> Lease | None:
+    """The live lease of another process, if any (what collectors must respect)."""
+    lease, _ = read(root)
+    return lease if lease is not None and not lease.mine() and lease.live() else None
+
+
+class Holder:
+    """This process's hold on a root's lease, renewed by a daemon thread until :meth:`release`."""
+
+    def __init__(self, root: Root, ttl: float = DEFAULT_TTL_SECONDS):
+        self.root, self.ttl = root, ttl
+        self.lease: Lease | None = None
+        self._generation: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """Takes the lease, or renews it if this process holds it.
+
+        Raises:
+          RootLockedError: another live writer holds it (names host, pid, since).
+        """
+        with self._lock:
+            current, generation = read(self.root)
+            now = time.time()
+            if current is not None and not current.mine() and current.live(now):
+                raise RootLockedError(
+                    f"{self.root.directory!r} is being written by another process ({current.describe()}); "
+                    "one writer per root: stop it, or wait for its lease to expire",
+                    holder=current,
+                )
+            since = current.since if current is not None and current.mine() else now
+            lease = Lease(socket.gethostname(), os.getpid(), _TOKEN, since, now + self.ttl, "", ())
+            self._write(lease, generation)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._renew_loop, name="jckpt-lease", daemon=True)
+            self._thread.start()
+
+    def _write(self, lease: Lease, generation: Any) -> None:
+        new = self.root.kv.write(KEY, _encode(lease), if_equal=generation).result()
+        if not new.generation:  # someone else wrote it between our read and write
+            current, _ = read(self.root)
+            holder = current.describe() if current is not None else "unknown"
+            raise RootLockedError(
+                f"{self.root.directory!r}: another writer took the lease first ({holder})", holder=current
+            )
+        self.lease, self._generation = lease, new.generation
+
+    def update(self, *, data_dir: str = "", pins: tuple[str, ...] = ()) -> None:
+        """Records the save in flight and the data directories it reuses (renewing the lease)."""
+        with self._lock:
+            assert self.lease is not None
+            lease = self.lease._replace(expires=time.time() + self.ttl, data_dir=data_dir, pins=tuple(pins))
+            self._write(lease, self._generation)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                with self._lock:
+                    if self.lease is not None:
+                        self._write(self.lease._replace(expires=time.time() + self.ttl), self._generation)
+            except Exception:  # lost or unwritable: the next save's acquire reports it
+                return
+
+    def release(self) -> None:
+        """Stops renewing and deletes the lease (if it is still ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            if self.lease is not None:
+                self.root.kv.write(KEY, None, if_equal=self._generation).result()
+                self.lease = None
+
+
+_held: dict[str, Holder] = {}  # root location -> this process's holder (a manager's, or a save's)
+_held_lock = threading.Lock()
+
+
+def hold(root: Root, ttl: float = DEFAULT_TTL_SECONDS) -> tuple[Holder, bool]:
+    """This process's holder of ``root``'s lease, acquired (or renewed) now.
+
+    Returns:
+      The holder and whether this call created it (then the caller releases it).
+    """
+    key = storage_id(root)
+    with _held_lock:
+        holder = _held.get(key)
+        created = holder is None
+        if created:
+            holder = _held[key] = Holder(root, ttl)
+    try:
+        holder.acquire()
+    except BaseException:
+        if created:
+            with _held_lock:
+                _held.pop(key, None)
+        raise
+    return holder, created
+
+
+def let_go(root: Root) -> None:
+    """Releases this process's lease on ``root`` (if it holds one)."""
+    with _held_lock:
+        holder = _held.pop(storage_id(root), None)
+    if holder is not None:
+        holder.release()
+
+
+def storage_id(root: Root) -> str:
+    return f"{root.spec['driver']}:{root.spec.get('bucket', '')}:{root.spec['path']}"
