@@ -381,14 +381,16 @@ def test_combine_rejects_non_policies():
 # --------------------------------------------------------------------------- docs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "policies.md"
+SNIPPETS = re.findall(r"```python\n(.*?)```", DOCS.read_text() if DOCS.exists() else "", flags=re.S)
 
 
-def _snippets():
-    text = DOCS.read_text() if DOCS.exists() else ""
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+def test_docs_page_exists_and_has_snippets():
+    # Without this, a moved or emptied page would silently leave no snippet tests.
+    assert DOCS.exists(), f"{DOCS} is missing"
+    assert SNIPPETS, f"{DOCS} has no ```python blocks"
 
 
-@pytest.mark.parametrize("index", range(len(_snippets())))
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_docs_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(_snippets()[index], f"docs/policies.md[{index}]", "exec"), {})
+    exec(compile(SNIPPETS[index], f"docs/policies.md[{index}]", "exec"), {})
