@@ -1,5 +1,6 @@
 """Specification of jckpt.policy: save, kind and retention rules, pure and restartable."""
 
+import inspect
 import json
 import math
 import re
@@ -371,6 +372,14 @@ def test_policies_never_read_the_clock(monkeypatch):
 def test_bad_arguments_raise_value_error(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_public_names_are_exactly_all():
+    # jckpt.policy is a package of modules; its public names are the re-exports in __all__.
+    for name in P.__all__:
+        assert not inspect.ismodule(getattr(P, name)), name
+    public = {n for n, v in vars(P).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    assert public == set(P.__all__)
 
 
 def test_combine_rejects_non_policies():
