@@ -47,6 +47,7 @@ def worker(script: str, args: list[str]) -> None:
         process_id=int(os.environ["JCKPT_EXAMPLE_PROCESS_ID"]),
     )
     sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python SCRIPT` does (configlib.py)
     runpy.run_path(script, run_name="__main__")
 
 

@@ -3,10 +3,13 @@
     python examples/train.py --config configs/digits.yaml
     python examples/train.py --config configs/digits.yaml --set train.steps=600  # resumes
 
-Every run resumes from the latest checkpoint in ``checkpoint.directory`` (and
-prints "resumed from step N").  The saved state is the model parameters
-(``nnx.split``), the optax state, the RNG key that draws the batches and the
-step, so a resumed run ends with exactly the parameters of an uninterrupted one.
+The config (configs/digits.yaml) is read into the dataclasses below by
+``configlib.py`` next to this file; its ``checkpoint:`` section is a
+``jckpt.config.CheckpointConfig``.  Every run resumes from the latest
+checkpoint in ``checkpoint.directory`` (and prints "resumed from step N").
+The saved state is the model parameters (``nnx.split``), the optax state, the
+RNG key that draws the batches and the step, so a resumed run ends with
+exactly the parameters of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from flax import nnx
 
 import jckpt
 from jckpt import CheckpointManager, config
+
+import configlib  # examples/configlib.py: YAML + --set overrides -> dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +168,7 @@ def log(step: int, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Trains (resuming from the latest checkpoint if there is one); returns the final state."""
-    cfg = config.parse_args(ExperimentConfig, argv, description=__doc__.splitlines()[0])
+    cfg = configlib.parse_args(ExperimentConfig, argv, description=__doc__.splitlines()[0])
     ckpt, train = cfg.checkpoint, cfg.train
     tx = optax.adam(train.learning_rate)
     graphdef, init = model_and_init(cfg, tx)

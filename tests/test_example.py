@@ -150,3 +150,4 @@ def test_readme_commands_are_the_ci_commands():
     assert "examples/train.py --config configs/digits.yaml" in commands[0]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci
+    assert any(line.startswith("python3 -m pytest -m slow") for line in ci)  # as the README says

@@ -1,6 +1,7 @@
 """Specification of jckpt.CheckpointManager: async saves, errors, retention, resume, preemption."""
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from jckpt import policy as P
 
 
 class FakeClock:
-    def __init__(self, start=0.0, step=0.0):
-        self.now, self.step = start, step
+    """A manager clock that moves only when the test advances it."""
+
+    def __init__(self, start=0.0):
+        self.now = start
 
     def __call__(self):
         return self.now
@@ -115,21 +118,67 @@ def test_closed_manager_refuses_saves(tmp_path):
 # ------------------------------------------------------ the snapshot is taken at call time
 
 
+class HeldWrites:
+    """Holds each background write of ``mngr`` until the test lets it go.
+
+    While a write is held, whatever the test does next happens while that save
+    is in flight, so the race a test asserts about really happens, every run.
+    Leaving the ``with`` block lets every write go (so a failing test does not
+    hang in the manager's ``close``).
+    """
+
+    def __init__(self, mngr, monkeypatch):
+        self._started = queue.Queue()
+        self._cond = threading.Condition()
+        self._permits, self._done = 0, False
+        write = mngr._write  # the manager's background thread calls it for every async save
+
+        def held(*args):
+            self._started.put(args[0])  # the step
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._permits or self._done, timeout=60):
+                    raise TimeoutError("the test never let the write go")
+                self._permits = max(0, self._permits - 1)
+            return write(*args)
+
+        monkeypatch.setattr(mngr, "_write", held)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def next_started(self):
+        """Waits until the next write has started (and is held); returns its step."""
+        return self._started.get(timeout=60)
+
+    def let_go(self):
+        """Lets the held write (or the next one) run."""
+        with self._cond:
+            self._permits += 1
+            self._cond.notify_all()
+
+
 def _sharded(x):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
     spec = jax.sharding.PartitionSpec("a", "b")
-    return jax.device_put(x.reshape(1024, 1024), jax.sharding.NamedSharding(mesh, spec))
+    return jax.device_put(x.reshape(64, 64), jax.sharding.NamedSharding(mesh, spec))
 
 
 @pytest.mark.parametrize("layout", ["one device", "sharded 4x2"])
-def test_donated_jax_buffers_after_maybe_save(tmp_path, layout):
+def test_donated_jax_buffers_after_maybe_save(tmp_path, monkeypatch, layout):
     step_fn = jax.jit(lambda s: jax.tree.map(lambda x: x + 1.0, s), donate_argnums=0)
-    w = jnp.zeros((1 << 20,), jnp.float32)
+    w = jnp.zeros((64 * 64,), jnp.float32)
     state = {"w": w if layout == "one device" else _sharded(w), "b": jnp.zeros((8,), jnp.float32)}
-    with CheckpointManager(tmp_path) as mngr:
+    with CheckpointManager(tmp_path) as mngr, HeldWrites(mngr, monkeypatch) as writes:
         for step in range(3):
             assert mngr.maybe_save(step, state)
-            state = step_fn(state)  # donates the buffers maybe_save just saw
+            assert writes.next_started() == step
+            state = step_fn(state)  # donates the buffers maybe_save just saw, while they are written
+            writes.let_go()
     for step in range(3):
         restored = jckpt.restore(tmp_path, step=step)
         w = np.asarray(restored["w"])
@@ -137,37 +186,51 @@ def test_donated_jax_buffers_after_maybe_save(tmp_path, layout):
         assert float(restored["b"][3]) == step
 
 
-def test_numpy_mutation_after_maybe_save(tmp_path):
-    buf = np.zeros((8 << 20,), np.float32)  # 32 MiB: the background write outlasts the mutation
-    with CheckpointManager(tmp_path) as mngr:
+def test_numpy_mutation_after_maybe_save(tmp_path, monkeypatch):
+    buf = np.zeros((4096,), np.float32)
+    with CheckpointManager(tmp_path) as mngr, HeldWrites(mngr, monkeypatch) as writes:
         for step in range(3):
             assert mngr.maybe_save(step, {"buf": buf})
-            buf += 1.0
+            assert writes.next_started() == step
+            buf += 1.0  # while the save of `step` is in flight
+            writes.let_go()
     for step in range(3):
         restored = jckpt.restore(tmp_path, step=step)["buf"]
         assert restored.min() == restored.max() == step
 
 
-def test_mixed_state_mutated_and_donated_after_maybe_save(tmp_path):
+def test_mixed_state_mutated_and_donated_after_maybe_save(tmp_path, monkeypatch):
     step_fn = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-    state = {"host": np.zeros((1 << 20,), np.float32), "dev": jnp.zeros((1 << 20,), jnp.float32)}
-    with CheckpointManager(tmp_path) as mngr:
+    state = {"host": np.zeros((4096,), np.float32), "dev": jnp.zeros((4096,), jnp.float32)}
+    with CheckpointManager(tmp_path) as mngr, HeldWrites(mngr, monkeypatch) as writes:
         for step in range(3):
             assert mngr.maybe_save(step, state)
+            assert writes.next_started() == step
             state["host"] += 1.0
             state["dev"] = step_fn(state["dev"])
+            writes.let_go()
     for step in range(3):
         restored = jckpt.restore(tmp_path, step=step)
         assert restored["host"].max() == restored["dev"].max() == step
 
 
-def test_back_pressure_one_save_in_flight(tmp_path):
-    state = {"w": np.ones((2 << 20,), np.float32)}
-    with CheckpointManager(tmp_path) as mngr:
-        for step in range(4):
-            mngr.maybe_save(step, state)
-            # The save of `step` waited for the one before it before taking its snapshot.
-            assert set(range(step)) <= set(jckpt.all_steps(tmp_path))
+def test_back_pressure_one_save_in_flight(tmp_path, monkeypatch):
+    returned = []
+    with CheckpointManager(tmp_path) as mngr, HeldWrites(mngr, monkeypatch) as writes:
+        assert mngr.maybe_save(0, small_state(0))
+        assert writes.next_started() == 0
+        second = threading.Thread(target=lambda: returned.append(mngr.maybe_save(1, small_state(1))))
+        second.start()
+        # A maybe_save that does not wait returns well within this; one that waits never does.
+        second.join(0.5)
+        assert not returned, "maybe_save(1) returned while the save of step 0 was in flight"
+        writes.let_go()
+        second.join(60)
+        assert returned == [True]
+        assert jckpt.all_steps(tmp_path) == [0]  # it waited for step 0's commit
+        assert writes.next_started() == 1
+        writes.let_go()
+    assert jckpt.all_steps(tmp_path) == [0, 1]
 
 
 # ------------------------------------------------------------ background errors

@@ -1,5 +1,6 @@
 """Specification of jckpt.policy: save, kind and retention rules, pure and restartable."""
 
+import inspect
 import json
 import math
 import re
@@ -373,6 +374,14 @@ def test_bad_arguments_raise_value_error(make):
         make()
 
 
+def test_public_names_are_exactly_all():
+    # jckpt.policy is a package of modules; its public names are the re-exports in __all__.
+    for name in P.__all__:
+        assert not inspect.ismodule(getattr(P, name)), name
+    public = {n for n, v in vars(P).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    assert public == set(P.__all__)
+
+
 def test_combine_rejects_non_policies():
     with pytest.raises(TypeError, match="argument 1"):
         P.combine(P.keep_last(1), lambda s: s)
@@ -381,14 +390,16 @@ def test_combine_rejects_non_policies():
 # --------------------------------------------------------------------------- docs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "policies.md"
+SNIPPETS = re.findall(r"```python\n(.*?)```", DOCS.read_text() if DOCS.exists() else "", flags=re.S)
 
 
-def _snippets():
-    text = DOCS.read_text() if DOCS.exists() else ""
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+def test_docs_page_exists_and_has_snippets():
+    # Without this, a moved or emptied page would silently leave no snippet tests.
+    assert DOCS.exists(), f"{DOCS} is missing"
+    assert SNIPPETS, f"{DOCS} has no ```python blocks"
 
 
-@pytest.mark.parametrize("index", range(len(_snippets())))
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_docs_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(_snippets()[index], f"docs/policies.md[{index}]", "exec"), {})
+    exec(compile(SNIPPETS[index], f"docs/policies.md[{index}]", "exec"), {})
