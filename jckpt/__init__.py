@@ -32,6 +32,7 @@ from jckpt.errors import CheckpointNotFoundError
 from jckpt.errors import CheckpointSaveError
 from jckpt.errors import CorruptCheckpointError
 from jckpt.errors import NotACheckpointRootError
+from jckpt.errors import RootLockedError
 from jckpt.errors import StepExistsError
 from jckpt.errors import TreeMismatchError
 from jckpt.errors import UnsupportedFormatError
@@ -51,6 +52,7 @@ __all__ = (
     "CheckpointSaveError",
     "CorruptCheckpointError",
     "NotACheckpointRootError",
+    "RootLockedError",
     "SaveOptions",
     "Snapshot",
     "StepExistsError",

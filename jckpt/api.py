@@ -19,7 +19,7 @@ from jckpt import format as fmt
 from jckpt import gc, lease, multihost, place, storage, tree
 from jckpt import read as read_lib
 from jckpt import write as write_lib
-from jckpt.errors import CheckpointNotFoundError, StepExistsError, TreeMismatchError
+from jckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StepExistsError, TreeMismatchError
 from jckpt.root import Root, new_data_dir
 from jckpt.snapshot import Snapshot, snapshot
 from jckpt.write import SaveOptions
@@ -104,8 +104,22 @@ def verify(directory: str | os.PathLike, step: int | None = None) -> fmt.Checkpo
       CheckpointNotFoundError: no checkpoint / no such step.
     """
     root, manifest = _open(directory, step)
-    read_lib.read_to_host(root, manifest, manifest.leaves)
+    with _deleted_meanwhile(root, manifest.step):
+        read_lib.read_to_host(root, manifest, manifest.leaves)
     return manifest.info()
+
+
+@contextlib.contextmanager
+def _deleted_meanwhile(root: Root, step: int):
+    """A read that fails because its step was deleted meanwhile raises CheckpointNotFoundError."""
+    try:
+        yield
+    except CorruptCheckpointError as e:
+        if root.read(root.manifest_key(step)) is None:
+            raise CheckpointNotFoundError(
+                f"step {step} at {root.directory!r} was deleted while it was being read"
+            ) from e
+        raise
 
 
 def delete(directory: str | os.PathLike, step: int) -> None:
@@ -355,7 +369,8 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None 
         leaf is not None and leaf.storage != fmt.NONE and target.kind != "none" for leaf, target in targets
     ]
     plans = [read_lib.LeafPlan(leaf, target) for (leaf, target), w in zip(targets, wanted) if w]
-    read_lib.read_plans(root, manifest, plans)
+    with _deleted_meanwhile(root, manifest.step):
+        read_lib.read_plans(root, manifest, plans)
     values = iter(place.finish(plans))
     results = [next(values) if w else None for w in wanted]
     if treedef is None:

@@ -467,7 +467,7 @@ class CheckpointManager:
     def best_step(self) -> int | None:
         """The best committed step by the policy's metric (``keep_best``/``best_only``), or None."""
         with self._lock:
-            return P.best_step(self._policy, self._state, list(self._history))
+            return self._policy.best(self._state, list(self._history))
 
     @property
     def policy_state(self) -> Any:

@@ -233,7 +233,7 @@ def test_retention(policy, events, expected):
 )
 def test_best_step(policy, expected):
     history = [Saved(s, metrics=m) for s, m in enumerate(losses([2, 1, 9, 0.5, None]))]
-    assert P.best_step(policy, policy.init(history), history) == expected
+    assert policy.best(policy.init(history), history) == expected
 
 
 # ------------------------------------------------------------ restart equivalence

@@ -31,7 +31,7 @@ uninterrupted one.
 Which file owns what:
 
 * ``base.py`` -- the algebra: ``Event``, ``Saved``, ``Policy``, ``Decision``,
-  ``combine``, and ``decide`` / ``retain`` / ``best_step``;
+  ``combine``, and ``decide`` / ``retain``;
 * ``save_rules.py`` -- save rules and the kind rule, each with its state;
 * ``keep_rules.py`` -- retention rules;
 * ``persistence.py`` -- the manager's metadata entry (``META_KEY``,
@@ -55,7 +55,6 @@ from jckpt.policy.base import EmptyState
 from jckpt.policy.base import Event
 from jckpt.policy.base import Policy
 from jckpt.policy.base import Saved
-from jckpt.policy.base import best_step
 from jckpt.policy.base import combine
 from jckpt.policy.base import decide
 from jckpt.policy.base import retain
@@ -99,7 +98,6 @@ __all__ = [
     "Simulation",
     "YoungDalyState",
     "best_only",
-    "best_step",
     "combine",
     "decide",
     "decode_state",

@@ -4,7 +4,7 @@ This file owns the types every rule speaks -- :class:`Event` (the input of a
 decision), :class:`Saved` (what a rule reads of a saved checkpoint),
 :class:`Policy` (the NamedTuple of pure functions), :class:`Decision` -- and
 the operations on policies: :func:`combine` composes them; :func:`decide`,
-:func:`retain` and :func:`best_step` are how the manager (and
+:func:`retain` and ``Policy.best`` are how the manager (and
 ``jckpt.policy.simulate``) ask one. It also holds the small helpers the rule
 constructors share (abstaining, a stateless init, an init that folds
 ``update`` over a history, argument checks).
@@ -27,7 +27,6 @@ __all__ = [
     "Policy",
     "PolicyState",
     "Saved",
-    "best_step",
     "combine",
     "decide",
     "retain",
@@ -260,13 +259,3 @@ def retain(policy: Policy, state: PolicyState, history: Sequence[Any]) -> frozen
     steps = frozenset(_step_of(r) for r in history)
     keep = policy.keep(state, history)
     return steps if keep is None else steps & frozenset(keep)
-
-
-def best_step(policy: Policy, state: PolicyState, history: Sequence[Any]) -> int | None:
-    """The best step of ``history`` by the policy's metric (``None`` if it has none).
-
-    Example::
-
-        best_step(keep_best("loss"), EmptyState(), [Saved(1, metrics={"loss": 2.0})])  # 1
-    """
-    return policy.best(state, history)
