@@ -27,6 +27,9 @@ from jckpt.api import metadata
 from jckpt.api import restore
 from jckpt.api import save
 from jckpt.api import save_snapshot
+from jckpt.api import tag
+from jckpt.api import tags
+from jckpt.api import untag
 from jckpt.api import verify
 from jckpt.errors import CheckpointNotFoundError
 from jckpt.errors import CheckpointSaveError
@@ -34,6 +37,7 @@ from jckpt.errors import CorruptCheckpointError
 from jckpt.errors import NotACheckpointRootError
 from jckpt.errors import RootLockedError
 from jckpt.errors import StepExistsError
+from jckpt.errors import StepTaggedError
 from jckpt.errors import TreeMismatchError
 from jckpt.errors import UnsupportedFormatError
 from jckpt.errors import UnsupportedLeafError
@@ -56,6 +60,7 @@ __all__ = (
     "SaveOptions",
     "Snapshot",
     "StepExistsError",
+    "StepTaggedError",
     "TreeMismatchError",
     "UnsupportedFormatError",
     "UnsupportedLeafError",
@@ -69,5 +74,8 @@ __all__ = (
     "save",
     "save_snapshot",
     "snapshot",
+    "tag",
+    "tags",
+    "untag",
     "verify",
 )

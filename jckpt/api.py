@@ -19,7 +19,13 @@ from jckpt import format as fmt
 from jckpt import gc, lease, multihost, place, storage, tree
 from jckpt import read as read_lib
 from jckpt import write as write_lib
-from jckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StepExistsError, TreeMismatchError
+from jckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StepExistsError,
+    StepTaggedError,
+    TreeMismatchError,
+)
 from jckpt.root import Root, new_data_dir
 from jckpt.snapshot import Snapshot, snapshot
 from jckpt.write import SaveOptions
@@ -46,8 +52,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
-def _open(directory: str | os.PathLike, step: int | None) -> tuple[Root, fmt.Manifest]:
-    """The root and the manifest of ``step`` (default: the latest)."""
+def _open(directory: str | os.PathLike, step: int | str | None) -> tuple[Root, fmt.Manifest]:
+    """The root and the manifest of ``step`` (a number or a tag name; default: the latest)."""
     root = Root(directory)
     root.check_version()
     if step is None:
@@ -55,10 +61,62 @@ def _open(directory: str | os.PathLike, step: int | None) -> tuple[Root, fmt.Man
         if not steps:
             raise CheckpointNotFoundError(f"no committed checkpoint at {root.directory!r}")
         step = steps[-1]
-    return root, root.read_manifest(fmt.check_step(step))
+    return root, root.read_manifest(_step_of(root, step))
 
 
-def info(directory: str | os.PathLike, step: int | None = None) -> fmt.CheckpointInfo:
+def _step_of(root: Root, step: int | str) -> int:
+    """A step number, or the step a tag names."""
+    if not isinstance(step, str):
+        return fmt.check_step(step)
+    tagged = root.tag(fmt.check_tag(step))
+    if tagged is None:
+        raise CheckpointNotFoundError(f"no tag {step!r} at {root.directory!r} (tags: {sorted(root.tags())})")
+    return tagged
+
+
+def tag(directory: str | os.PathLike, step: int | str, name: str, *, force: bool = False) -> None:
+    """Tags committed ``step`` as ``name`` (e.g. "prod"); retention never deletes a tagged step.
+
+    Args:
+      directory: the checkpoint root.
+      step: a committed step (or another tag's name).
+      name: a letter, then up to 63 letters, digits, ``.``, ``_`` or ``-``.
+      force: move the tag if it already names another step.
+
+    Raises:
+      CheckpointNotFoundError: ``step`` is not committed.
+      ValueError: an invalid name, or the tag names another step and not ``force``.
+
+    Example:
+      >>> tag("/tmp/ckpt", 1000, "prod")  # doctest: +SKIP
+      >>> state = restore("/tmp/ckpt", step="prod")  # doctest: +SKIP
+    """
+    root, manifest = _open(directory, step)
+    current = root.tag(fmt.check_tag(name))
+    if current is not None and current != manifest.step and not force:
+        raise ValueError(f"tag {name!r} already names step {current}; pass force=True to move it")
+    root.write_tag(name, manifest.step, time.time())
+
+
+def untag(directory: str | os.PathLike, name: str) -> None:
+    """Removes tag ``name``.
+
+    Raises:
+      CheckpointNotFoundError: no such tag.
+    """
+    root = Root(directory)
+    root.check_version()
+    _step_of(root, fmt.check_tag(name))
+    root.delete_tag(name)
+
+
+def tags(directory: str | os.PathLike) -> dict[str, int]:
+    """Every tag of the root at ``directory``, name -> step ({} when there is none)."""
+    root = _existing_root(directory)
+    return root.tags() if root else {}
+
+
+def info(directory: str | os.PathLike, step: int | str | None = None) -> fmt.CheckpointInfo:
     """The CheckpointInfo of ``step`` (default: latest), read from its manifest alone.
 
     Raises:
@@ -68,7 +126,7 @@ def info(directory: str | os.PathLike, step: int | None = None) -> fmt.Checkpoin
     return _open(directory, step)[1].info()
 
 
-def metadata(directory: str | os.PathLike, step: int | None = None) -> Any:
+def metadata(directory: str | os.PathLike, step: int | str | None = None) -> Any:
     """The saved tree of ``step`` (default: latest) as ``jax.ShapeDtypeStruct`` leaves.
 
     Read from the manifest alone.  The tree is nested dicts and lists (as
@@ -93,7 +151,7 @@ def metadata(directory: str | os.PathLike, step: int | None = None) -> Any:
     return tree.nest([(leaf.keys, struct(leaf)) for leaf in manifest.leaves])
 
 
-def verify(directory: str | os.PathLike, step: int | None = None) -> fmt.CheckpointInfo:
+def verify(directory: str | os.PathLike, step: int | str | None = None) -> fmt.CheckpointInfo:
     """Re-reads every chunk of ``step`` (default: latest) and checks its hash.
 
     Returns:
@@ -131,6 +189,7 @@ def delete(directory: str | os.PathLike, step: int) -> None:
     Raises:
       TypeError: ``step`` is not an integer.
       CheckpointNotFoundError: the step is not committed.
+      StepTaggedError: the step is tagged (a PermissionError).
       jckpt.multihost.CoordinationTimeoutError: a peer did not take part in time.
     """
     step = fmt.check_step(step)
@@ -139,6 +198,9 @@ def delete(directory: str | os.PathLike, step: int) -> None:
         root = _existing_root(directory)
         if root is None:
             raise CheckpointNotFoundError(f"no jckpt checkpoints at {os.fspath(directory)!r}")
+        names = sorted(name for name, tagged in root.tags().items() if tagged == step)
+        if names:
+            raise StepTaggedError(f"step {step} at {root.directory!r} is tagged {names}: untag it first")
         gc.delete_step(root, step)
 
     # Under jax.distributed only process 0 deletes; the others wait for it and share its errors.
@@ -170,6 +232,7 @@ def save_snapshot(
     base: int | None = None,
     options: SaveOptions | None = None,
     created: float | None = None,
+    lineage: dict | None = None,
 ) -> fmt.CheckpointInfo:
     """Writes a snapshot as committed step ``step``.  Safe to call from a background thread.
 
@@ -229,6 +292,7 @@ def save_snapshot(
             metadata=metadata,
             created=time.time() if created is None else created,
             save_seconds=time.perf_counter() - started,
+            lineage={**snap.lineage, "base_step": base_step, **(lineage or {})},
         )
         with _os_errors():
             root.commit(manifest)
@@ -272,6 +336,7 @@ def save(
     kind: str = "full",
     base: int | None = None,
     options: SaveOptions | None = None,
+    lineage: dict | None = None,
 ) -> fmt.CheckpointInfo:
     """Saves a pytree as committed step ``step`` of the checkpoint root ``directory``.
 
@@ -290,6 +355,7 @@ def save(
         base the save is full, and ``info().kind`` says so.
       base: the step an incremental save compares against.
       options: chunk size, compression, in-flight bound (SaveOptions).
+      lineage: JSON entries added to the recorded lineage (e.g. ``{"origin": ...}``).
 
     Returns:
       The CheckpointInfo of the committed step.
@@ -314,10 +380,11 @@ def save(
         kind=kind,
         base=base,
         options=options,
+        lineage=fmt.json_value(lineage, "lineage"),
     )
 
 
-def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None = None) -> Any:
+def restore(directory: str | os.PathLike, like: Any = None, *, step: int | str | None = None) -> Any:
     """Restores a committed step (default: the latest), verifying every chunk's hash.
 
     Args:
@@ -330,7 +397,7 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | None 
         (NamedTuples and dataclasses become dicts of their fields, tuples
         become lists), jax arrays on the default device, numpy arrays as numpy,
         Python scalars as Python scalars.
-      step: the step to restore; None for the latest committed one.
+      step: the step (or tag name) to restore; None for the latest committed one.
 
     Returns:
       The restored pytree.

@@ -74,3 +74,7 @@ class RootLockedError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class StepTaggedError(PermissionError):
+    """A tagged step cannot be deleted until its tags are removed (``jckpt.untag``)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -40,6 +41,7 @@ HASH = "xxh3_128"
 
 ROOT_MARKER = "jckpt.json"
 MANIFESTS = "manifests"  # version 2: manifests/step_<N>.json
+TAGS = "tags"  # tags/<name>.json
 V1_MANIFEST = "manifest.json"  # version 1: step_<N>/manifest.json
 
 # Storage kinds of a leaf.
@@ -53,6 +55,7 @@ KINDS = ("full", "incremental")
 PACK_LIMIT_BYTES = 256 * 2**10  # leaves (or shards) of at most this many bytes are packed into blobs
 PACK_ALIGN = 64  # packed pieces start at multiples of this (jax adopts 64-byte-aligned host buffers)
 BLOB_PREFIX = "packed-p"  # blob array names: packed-p<process index>
+_TAG = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 
 # ------------------------------------------------------------------ step numbers
@@ -101,6 +104,39 @@ def parse_step_name(name: str) -> int | None:
         step = int(name[5:])
         return step if step_name(step) == name else None
     return None
+
+
+def check_tag(name: Any) -> str:
+    """A valid tag name: a letter, then up to 63 letters, digits, ``.``, ``_`` or ``-``.
+
+    Raises:
+      ValueError: anything else (so a tag can never be mistaken for a step number or a path).
+    """
+    if not isinstance(name, str) or not _TAG.fullmatch(name):
+        raise ValueError(
+            f"invalid tag name {name!r}: a letter, then up to 63 letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
+def tag_key(name: str) -> str:
+    return f"{TAGS}/{check_tag(name)}.json"
+
+
+def tag_to_json(name: str, step: int, created: float) -> bytes:
+    doc = {"format": FORMAT, "version": VERSION, "tag": name, "step": step, "created": created}
+    return encode_document(doc)
+
+
+def tag_from_json(raw: bytes, *, name: str, where: str) -> int:
+    """The step a tag document names."""
+    doc = decode_document(raw, where)
+    try:
+        if doc["tag"] != name:
+            raise ValueError(f"it is the tag {doc['tag']!r}")
+        return check_step(doc["step"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"tag {name!r}: {where} is malformed: {e}") from e
 
 
 # ------------------------------------------------------------------ JSON + checksums
@@ -277,6 +313,8 @@ class CheckpointInfo(NamedTuple):
       created: commit time, seconds since the epoch.
       save_seconds: wall time of the save (hash, write, commit).
       base_step: the step an incremental save compared against (None for a full save).
+      lineage: where it came from: versions, processes and devices, host, command,
+        git commit, the origin of an import (see ``jckpt.lineage``).
     """
 
     step: int
@@ -288,6 +326,7 @@ class CheckpointInfo(NamedTuple):
     created: float
     save_seconds: float
     base_step: int | None = None
+    lineage: dict | None = None
 
 
 class Manifest(NamedTuple):
@@ -316,6 +355,7 @@ class Manifest(NamedTuple):
     save_seconds: float
     leaves: tuple[LeafRecord, ...]
     blobs: dict[str, BlobRecord]
+    lineage: dict | None = None
     version: int = VERSION
 
     def info(self) -> CheckpointInfo:
@@ -329,6 +369,7 @@ class Manifest(NamedTuple):
             created=self.created,
             save_seconds=self.save_seconds,
             base_step=self.base_step,
+            lineage=self.lineage,
         )
 
     def to_json(self) -> bytes:
@@ -349,6 +390,7 @@ class Manifest(NamedTuple):
                 "bytes_total": self.bytes_total,
                 "created": self.created,
                 "save_seconds": self.save_seconds,
+                "lineage": self.lineage,
                 "leaves": [_leaf_to_json(leaf) for leaf in self.leaves],
                 "blobs": {k: _blob_to_json(b) for k, b in self.blobs.items()},
             }
@@ -619,5 +661,6 @@ def _manifest_from_doc(doc: Mapping[str, Any]) -> Manifest:
         save_seconds=_number(doc["save_seconds"]),
         leaves=leaves,
         blobs=blobs,
+        lineage=_opt_dict(doc.get("lineage")) if version == 1 else _opt_dict(doc["lineage"]),
         version=version,
     )

@@ -297,7 +297,7 @@ class CheckpointManager:
             if not self._history:
                 return
             keep = set(P.retain(self._policy, self._state, self._history))
-            keep |= set(self._pinned)
+            keep |= set(self._pinned) | set(api.tags(self._directory).values())  # tagged: never deleted
             if not keep & {i.step for i in self._history}:
                 keep.add(self._history[-1].step)  # never delete the only restorable one
             doomed = [i.step for i in self._history if i.step not in keep]

@@ -204,6 +204,29 @@ class Root:
         """Writes ``manifest`` (the step becomes visible, atomically)."""
         self.write(fmt.manifest_key(manifest.step), manifest.to_json())
 
+    # -- tags -----------------------------------------------------------------
+    def tags(self) -> dict[str, int]:
+        """Every tag of the root, name -> step."""
+        names = [n[: -len(".json")] for n in self._names(fmt.TAGS + "/", files=True) if n.endswith(".json")]
+        out = {}
+        for name in sorted(names):
+            step = self.tag(name)
+            if step is not None:
+                out[name] = step
+        return out
+
+    def tag(self, name: str) -> int | None:
+        """The step tag ``name`` names, or None."""
+        key = fmt.tag_key(name)
+        raw = self.read(key)
+        return None if raw is None else fmt.tag_from_json(raw, name=name, where=self.where(key))
+
+    def write_tag(self, name: str, step: int, created: float) -> None:
+        self.write(fmt.tag_key(name), fmt.tag_to_json(name, step, created))
+
+    def delete_tag(self, name: str) -> None:
+        self.delete(fmt.tag_key(name))
+
     def uncommit(self, step: int) -> None:
         """Deletes the manifest of ``step`` (the step disappears, atomically)."""
         self.delete(self.manifest_key(step))

@@ -20,7 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jckpt import chunking, tree
+from jckpt import chunking, lineage, tree
 from jckpt import format as fmt
 from jckpt.errors import UnsupportedLeafError
 
@@ -57,6 +57,7 @@ class LeafSnapshot(NamedTuple):
 class Snapshot(NamedTuple):
     leaves: list[LeafSnapshot]
     process_index: int
+    lineage: dict = {}  # where it came from (see jckpt.lineage)
 
 
 def stored_dtype(dtype: np.dtype) -> np.dtype:
@@ -180,4 +181,4 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
                 f"leaf {path!r} has unsupported type {type(leaf).__name__}; leaves must be "
                 "jax arrays, numpy arrays, Python scalars or None"
             )
-    return Snapshot(leaves, jax.process_index())
+    return Snapshot(leaves, jax.process_index(), lineage.of_state(state))

@@ -298,6 +298,7 @@ def assemble(
     metadata: Any,
     created: float,
     save_seconds: float,
+    lineage: dict | None = None,
 ) -> fmt.Manifest:
     """Merges per-process fragments into the step's manifest."""
     chunks: dict[str, dict] = {}
@@ -329,4 +330,5 @@ def assemble(
         save_seconds=save_seconds,
         leaves=leaves,
         blobs=blobs,
+        lineage=lineage,
     )
