@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jckpt import format as fmt
-from jckpt import gc, lease, multihost, place, storage, tree
+from jckpt import gc, lease, multihost, place, tree
 from jckpt import read as read_lib
 from jckpt import write as write_lib
 from jckpt.errors import (
@@ -26,7 +26,7 @@ from jckpt.errors import (
     StepTaggedError,
     TreeMismatchError,
 )
-from jckpt.root import Root, new_data_dir
+from jckpt.root import Root, new_data_dir, os_errors
 from jckpt.snapshot import Snapshot, snapshot
 from jckpt.write import SaveOptions
 
@@ -274,7 +274,7 @@ def save_snapshot(
 
     def write() -> fmt.Fragment:
         nonlocal base_manifest
-        with _os_errors():
+        with os_errors():
             if base_step is not None and base_manifest is None:
                 base_manifest = root.read_manifest(base_step)
             return write_lib.write_fragment(root, data_dir, snap, records, options, base_manifest)
@@ -294,7 +294,7 @@ def save_snapshot(
             save_seconds=time.perf_counter() - started,
             lineage={**snap.lineage, "base_step": base_step, **(lineage or {})},
         )
-        with _os_errors():
+        with os_errors():
             root.commit(manifest)
         return manifest.info()
 
@@ -312,18 +312,6 @@ def save_snapshot(
     finally:
         if holder is not None:
             lease.let_go(root)
-
-
-@contextlib.contextmanager
-def _os_errors():
-    """Tensorstore's I/O errors (ValueError with an errno) re-raised as OSError with that errno."""
-    try:
-        yield
-    except Exception as e:
-        error = storage.as_os_error(e)
-        if error is e:
-            raise
-        raise error from e
 
 
 def save(

@@ -21,6 +21,7 @@ are; the first save into one upgrades it (:meth:`Root.ensure`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 
@@ -42,8 +43,12 @@ class Root:
     def __init__(self, directory: str | os.PathLike, ctx: ts.Context | None = None):
         self.directory = os.fspath(directory)
         self.spec = storage.kvstore_spec(directory)
+        path = storage.local_path(self.spec)
+        if path is not None and os.path.lexists(path.rstrip("/")) and not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, f"checkpoint root {self.directory!r} is not a directory")
         self.ctx = ctx or storage.context()
-        self.kv = ts.KvStore.open(self.spec, context=self.ctx).result()
+        with os_errors():
+            self.kv = ts.KvStore.open(self.spec, context=self.ctx).result()
         self._version: int | None = None
 
     def where(self, key: str) -> str:
@@ -52,7 +57,8 @@ class Root:
 
     # -- raw keys -------------------------------------------------------------
     def read(self, key: str) -> bytes | None:
-        result = self.kv.read(key).result()
+        with os_errors():
+            result = self.kv.read(key).result()
         return result.value if result.state == "value" else None
 
     def write(self, key: str, value: bytes) -> None:
@@ -67,13 +73,15 @@ class Root:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(path, key + storage.LOCK_SUFFIX))
-        self.kv.write(key, value).result()
+        with os_errors():
+            self.kv.write(key, value).result()
 
     def delete(self, *keys: str) -> None:
         """Deletes exactly the given keys (concurrently); missing keys are ignored."""
-        futures = [self.kv.delete_range(ts.KvStore.KeyRange(k, k + "\x00")) for k in keys]
-        for future in futures:
-            future.result()
+        with os_errors():
+            futures = [self.kv.delete_range(ts.KvStore.KeyRange(k, k + "\x00")) for k in keys]
+            for future in futures:
+                future.result()
 
     def remove_tree(self, prefix: str) -> None:
         """Deletes the directory ``prefix`` (ending in "/") and everything under it."""
@@ -230,6 +238,21 @@ class Root:
     def uncommit(self, step: int) -> None:
         """Deletes the manifest of ``step`` (the step disappears, atomically)."""
         self.delete(self.manifest_key(step))
+
+
+@contextlib.contextmanager
+def os_errors():
+    """Tensorstore's I/O errors (ValueError with an errno) re-raised as OSError with that errno.
+
+    ``OSError(errno.EACCES, ...)`` is a PermissionError, ``ENOSPC`` a plain OSError, and so on.
+    """
+    try:
+        yield
+    except Exception as e:
+        error = storage.as_os_error(e)
+        if error is e:
+            raise
+        raise error from e
 
 
 def new_data_dir(step: int) -> str:

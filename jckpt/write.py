@@ -144,6 +144,18 @@ class _Writer:
             self.inflight.popleft()[0].result()
         self.inflight_bytes = 0
 
+    def drain(self) -> None:
+        """After a failure: waits for every write already issued, ignoring their errors.
+
+        So that no chunk lands in the data directory after the failed save removed it.
+        """
+        for pending in (self.opening, self.inflight):
+            while pending:
+                try:
+                    pending.popleft()[0].result()
+                except Exception:
+                    pass
+
 
 def _shard_pieces(leaf: LeafSnapshot, chunk_shape):
     for shard in leaf.shards:
@@ -224,6 +236,21 @@ def write_fragment(
     """
     writer = _Writer(root, data_dir, options)
     base_index = _Base(base)
+    try:
+        return _write(writer, base_index, data_dir, snap, records, options)
+    except BaseException:
+        writer.drain()
+        raise
+
+
+def _write(
+    writer: _Writer,
+    base_index: _Base,
+    data_dir: str,
+    snap: Snapshot,
+    records: list[fmt.LeafRecord],
+    options: SaveOptions,
+) -> fmt.Fragment:
     blob_name = f"{fmt.BLOB_PREFIX}{snap.process_index}"
     blob_id = f"{data_dir}/{blob_name}"
     chunks: dict[str, dict] = {}
