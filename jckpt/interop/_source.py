@@ -124,18 +124,18 @@ def _groups(specs: Sequence[LeafSpec], budget: int) -> Iterator[list[LeafSpec]]:
 
 
 def read_leaves(
-    directory: str | os.PathLike, step: int, specs: Sequence[LeafSpec], group_bytes: int = GROUP_BYTES
+    directory: str | os.PathLike, step: int, specs: Sequence[LeafSpec], group_bytes: int | None = None
 ) -> Iterator[tuple[LeafSpec, np.ndarray]]:
     """Yields ``(spec, host array)`` for each of ``specs``, in order.
 
     Leaves are restored (and hash-checked) in groups of at most ``group_bytes``
-    (a larger leaf alone); a group's arrays are released as they are handed
+    (default ``GROUP_BYTES``; a larger leaf alone); a group's arrays are released as they are handed
     out, so host memory holds about one group plus what the caller keeps.
 
     Raises:
       CorruptCheckpointError: a chunk fails its hash check.
     """
-    for group in _groups(specs, group_bytes):
+    for group in _groups(specs, GROUP_BYTES if group_bytes is None else group_bytes):
         like: dict = {}
         for spec in group:
             node = like

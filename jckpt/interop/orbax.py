@@ -7,7 +7,7 @@ with orbax-checkpoint 0.12::
     ITEM/
       _METADATA               JSON: tree_metadata {"('params', 'w')": {key_metadata: [{key, key_type}],
                               value_metadata: {value_type, skip_deserialize}}}, use_ocdbt, use_zarr3
-      _CHECKPOINT_METADATA    JSON: item_handlers, metrics, timestamps (absent in older versions)
+      _CHECKPOINT_METADATA    JSON: item_handlers, metrics (left empty by 0.12), timestamps (newer Orbax)
       _sharding               jax.Array shardings, by base64 parameter name
       _strings.json           string leaves
       manifest.ocdbt, d/      OCDBT (the default): every array's zarr files in one key-value database,
@@ -18,7 +18,9 @@ Each array is a zarr (v2, or v3 with ``use_zarr3``) array named by its key
 path joined with ``"."``, with ``key_type`` 1 for a sequence index and 2 for
 a dict key.  A CheckpointManager step directory (``STEP/_CHECKPOINT_METADATA``
 naming ``item_handlers``) holds one such ITEM per item name (``default/``,
-``state/``, ...); items of other handlers (JSON, ...) hold no arrays.
+``state/``, ...); items of other handlers (JSON, ...) hold no arrays.  A
+manager with ``best_fn`` stores each step's metrics as one more JSON item,
+``STEP/metrics/metrics``.
 
 Export writes ITEM with OCDBT and zarr v2 arrays, every array typed
 ``np.ndarray``, so ``ocp.StandardCheckpointer().restore(path)`` returns the
@@ -46,6 +48,7 @@ from jckpt.interop.errors import UnsupportedSourceError
 METADATA = "_METADATA"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 OCDBT_MANIFEST = "manifest.ocdbt"
+METRICS_ITEM = "metrics"
 SEQUENCE, DICT = 1, 2  # orbax's KeyType
 STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
@@ -241,6 +244,11 @@ def find(directory: str | os.PathLike) -> Found | None:
     subdirs = sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
     items = [(n, os.path.join(directory, n)) for n in subdirs if is_item(os.path.join(directory, n))]
     if items or isinstance(handlers, dict):
+        # A manager with best_fn keeps a step's metrics as a JSON item: STEP/metrics/metrics.
+        saved_metrics = _json(os.path.join(directory, METRICS_ITEM, METRICS_ITEM))
+        if isinstance(saved_metrics, dict):
+            metrics = saved_metrics
+            subdirs.remove(METRICS_ITEM)
         skipped = [n for n in subdirs if n not in dict(items) and not n.startswith(".")]
         if not items:
             raise UnsupportedSourceError(
@@ -278,7 +286,7 @@ class _Item:
                 f"merged {OCDBT_MANIFEST}: an unfinished or unmerged Orbax save"
             )
         base = {"driver": "file", "path": directory + "/"}
-        self.kvstore = {"driver": "ocdbt", "base": base} if self.ocdbt else base
+        self.kvstore = {"driver": "ocdbt", "base": base} if self.ocdbt else None
         self.ctx = _context()
         self.keys = self._list_keys()
 
@@ -328,7 +336,11 @@ class _Item:
         driver = self.driver(name)
         if driver is None:
             raise UnsupportedSourceError(f"{self.directory!r}: no array data for leaf {name!r}")
-        spec = {"driver": driver, "kvstore": {**self.kvstore, "path": name + "/"}}
+        if self.kvstore is not None:
+            kvstore = {**self.kvstore, "path": name + "/"}
+        else:
+            kvstore = {"driver": "file", "path": os.path.join(self.directory, name) + "/"}
+        spec = {"driver": driver, "kvstore": kvstore}
         return ts.open(spec, open=True, read=True, context=self.ctx).result()
 
 
