@@ -3,6 +3,7 @@
 import json
 import os
 import struct
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 
 import jckpt
 from jckpt import interop
-from jckpt.interop import _source
+from jckpt.interop import _source, _spool
 from jckpt.interop import safetensors as st_lib
 
 safetensors = pytest.importorskip("safetensors")
@@ -579,3 +580,46 @@ def test_safetensors_header_is_8_byte_aligned_and_covers_the_file(root, tmp_path
     assert (
         max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__") == len(data) - 8 - length
     )
+
+
+def _traced_peak(fn):
+    """Peak bytes of Python and numpy allocations while ``fn`` runs (tensorstore's own buffers excluded)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("fmt, dest", [("safetensors", "hf"), ("npz", "x.npz"), ("orbax", "orbax")])
+def test_export_and_import_hold_a_bounded_amount_of_host_memory(tmp_path, monkeypatch, fmt, dest):
+    leaf = 512 * 2**10
+    tensors = {f"w{i}": np.full(leaf // 4, i, np.float32) for i in range(32)}  # 16 MiB in all
+    jckpt.save(tmp_path / "root", tensors, step=0)
+    monkeypatch.setattr(_source, "GROUP_BYTES", 2 * leaf)
+    monkeypatch.setattr(interop.orbax, "SLAB_BYTES", leaf // 2)
+    monkeypatch.setattr(_spool, "IN_MEMORY_BYTES", leaf)  # small Orbax leaves stay in RAM up to this
+    export_peak = _traced_peak(lambda: interop.export(tmp_path / "root", tmp_path / dest, format=fmt))
+    assert export_peak < 4 * leaf  # one group (2 leaves) and some slack, not 32 leaves
+    import_peak = _traced_peak(lambda: interop.import_from(tmp_path / dest, tmp_path / "back", step=0))
+    assert import_peak < 4 * leaf  # memory-mapped or spooled to files, not loaded
+    assert_same(flat(jckpt.restore(tmp_path / "back")), tensors)
+
+
+def test_exported_tensors_start_aligned_so_readers_map_them_without_copies(tmp_path):
+    tensors = {
+        "flag": np.ones(3, bool),
+        "half": np.ones(5, np.float16),
+        "w": np.ones(7),
+        "i": np.ones(3, np.int32),
+    }
+    jckpt.save(tmp_path / "root", tensors, step=0)
+    interop.export(tmp_path / "root", tmp_path / "hf")
+    header, start = st_lib.read_header(tmp_path / "hf" / "model.safetensors")
+    assert start % 8 == 0
+    for name, value in tensors.items():
+        assert header[name]["data_offsets"][0] % value.dtype.itemsize == 0, name
+    interop.export(tmp_path / "root", tmp_path / "x.npz", format="npz")
+    for name, array in interop.npz.read(tmp_path / "x.npz", _spool.Spool(tmp_path)):
+        assert isinstance(array, np.memmap) and array.ctypes.data % 64 == 0, name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jckpt
@@ -102,14 +103,16 @@ def export(
     _names.check_unique((name, "/".join(_source.names(spec))) for name, spec in zip(names, specs))
     chosen = set(_names.select(names, select))
     pairs = [(name, spec) for name, spec in zip(names, specs) if name in chosen]
+    if format == "safetensors":
+        # Widest dtypes first: with the 8-aligned data start, every tensor's offset is then a
+        # multiple of its itemsize, so readers can map it without copying (the index keeps names).
+        pairs.sort(key=lambda pair: -pair[1].struct.dtype.itemsize)
     names, specs = [n for n, _ in pairs], [s for _, s in pairs]
     total = sum(s.struct.dtype.itemsize * _size(s.struct.shape) for s in specs)
     destination = os.path.abspath(os.fspath(destination))
     with _progress.bar(f"export {format}", total, progress) as bar:
-        arrays = (
-            (name, array) for name, (_, array) in zip(names, _source.read_leaves(directory, step, specs))
-        )
-        if format == "safetensors":
+        arrays = _named(names, _source.read_leaves(directory, step, specs))
+        if format == "safetensors":  # specs were ordered by itemsize: every tensor starts aligned
             entries = [
                 safetensors_lib.Entry(n, tuple(s.struct.shape), s.struct.dtype) for n, s in zip(names, specs)
             ]
@@ -130,6 +133,14 @@ def export(
             ]
             files = orbax_lib.write(destination, leaves, arrays, progress=bar)
     return ExportInfo(format, step, destination, files, names, total)
+
+
+def _named(names: list[str], leaves: Iterator[tuple[Any, Any]]) -> Iterator[tuple[str, Any]]:
+    """``(name, array)`` pairs, keeping no reference to an array once the writer asks for the next."""
+    names_iter = iter(names)
+    for _, array in leaves:
+        yield next(names_iter), array
+        del array
 
 
 def _size(shape: tuple[int, ...]) -> int:

@@ -2,11 +2,12 @@
 
 An export is an uncompressed zip of ``<name>.npy`` members, one per tensor,
 named as in safetensors (``params.layers.0.kernel``), so ``np.load(path)[name]``
-reads it.  Dtypes a ``.npy`` header cannot name (bfloat16, float8_*, int4, ...
-every ml_dtypes type) are stored as their raw bits in the unsigned integer of
-the same width, and the member ``__jckpt_dtypes__.npy`` (a 0-d string array
-holding JSON ``{name: dtype}``) records the real dtypes, so ``import_from``
-gives them back bit for bit.  ``np.load`` users can do the same with
+reads it; each array's data starts 64-byte aligned in the file.  Dtypes a
+``.npy`` header cannot name (bfloat16, float8_*, int4, ... every ml_dtypes
+type) are stored as their raw bits in the unsigned integer of the same width,
+and the member ``__jckpt_dtypes__.npy`` (a 0-d string array holding JSON
+``{name: dtype}``) records the real dtypes, so ``import_from`` gives them back
+bit for bit.  ``np.load`` users can do the same with
 ``array.view(ml_dtypes.bfloat16)``.
 
 Reading memory-maps uncompressed members in place (``np.savez`` and jckpt
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 import zipfile
 from collections.abc import Iterable
 
@@ -32,6 +34,27 @@ from jckpt.interop.errors import UnsupportedSourceError
 DTYPES_MEMBER = "__jckpt_dtypes__"
 _READ_PIECE = 16 * 2**20
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
+_ZIP64_EXTRA = 20  # the zip64 record zipfile adds to a local header written with force_zip64
+_PADDING_ID = 0xD935  # the extra-field id zipalign uses for padding
+ALIGNMENT = 64
+
+
+def _aligned_member(zf: zipfile.ZipFile, filename: str) -> zipfile.ZipInfo:
+    """A stored member whose data will start ``ALIGNMENT``-aligned in the file.
+
+    The local header's extra field is padded (with a zipalign-style 0xD935
+    record) so the member starts aligned; ``.npy`` headers are padded to 64
+    bytes, so the array data is aligned too and maps in place without copies
+    (tensorstore copies unaligned arrays before writing them).
+    """
+    info = zipfile.ZipInfo(filename, date_time=time.localtime()[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    header = _LOCAL_HEADER.size + len(filename.encode("utf-8")) + _ZIP64_EXTRA
+    pad = -(zf.fp.tell() + header) % ALIGNMENT
+    if pad:
+        pad += ALIGNMENT if pad < 4 else 0  # an extra-field record needs 4 bytes of its own
+        info.extra = struct.pack("<HH", _PADDING_ID, pad - 4) + bytes(pad - 4)
+    return info
 
 
 def write(
@@ -66,7 +89,7 @@ def write(
                 if not _dtypes.is_numpy_native(array.dtype):
                     real[name] = array.dtype.name
                     array = np.asarray(array, order="C").view(_dtypes.raw_view(array.dtype))
-                with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                with zf.open(_aligned_member(zf, name + ".npy"), "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(array, order="C"), allow_pickle=False)
                 progress.advance(array.nbytes)
                 del array

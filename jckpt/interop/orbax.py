@@ -53,7 +53,7 @@ SEQUENCE, DICT = 1, 2  # orbax's KeyType
 STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
 CHUNK_BYTES = 32 * 2**20  # zarr chunks of exported arrays: at most this, split along axis 0
-TRANSACTION_BYTES = 64 * 2**20  # exported bytes buffered per OCDBT commit
+TRANSACTION_BYTES = 16 * 2**20  # exported bytes buffered per OCDBT commit
 SLAB_BYTES = 64 * 2**20  # bytes read at once when importing an array
 _CACHE_BYTES = 32 * 2**20
 _PROCESS_DIR = re.compile(r"^ocdbt\.process_\d+$")
@@ -357,7 +357,8 @@ def _read_array(store: ts.TensorStore, spool: Spool, progress: _progress.Progres
     rows = max(1, SLAB_BYTES // max(row, 1))
     for start in range(0, shape[0], rows):
         stop = min(shape[0], start + rows)
-        out[start:stop] = store[start:stop].read().result()
+        # tensorstore decodes straight into the (file-backed) destination: no slab-sized temporary
+        ts.array(out[start:stop], copy=False, write=True).write(store[start:stop]).result()
         progress.advance((stop - start) * row)
     if isinstance(out, np.memmap):
         out.flush()
