@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 import struct
 import tracemalloc
 
@@ -623,3 +625,15 @@ def test_exported_tensors_start_aligned_so_readers_map_them_without_copies(tmp_p
     interop.export(tmp_path / "root", tmp_path / "x.npz", format="npz")
     for name, array in interop.npz.read(tmp_path / "x.npz", _spool.Spool(tmp_path)):
         assert isinstance(array, np.memmap) and array.ctypes.data % 64 == 0, name
+
+
+@pytest.mark.parametrize("doc", ["docs/deploying.md", "docs/migrating-from-orbax.md"])
+def test_documented_python_runs(doc, tmp_path, monkeypatch):
+    """Every ```python block of the page, in order, as one session."""
+    monkeypatch.chdir(tmp_path)
+    page = pathlib.Path(__file__).resolve().parents[1] / doc
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert blocks
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{doc} block {i}", "exec", dont_inherit=True), namespace)
