@@ -637,3 +637,22 @@ def test_documented_python_runs(doc, tmp_path, monkeypatch):
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{doc} block {i}", "exec", dont_inherit=True), namespace)
+
+
+@pytest.mark.parametrize("fmt, dest", [("safetensors", "hf"), ("npz", "x.npz"), ("orbax", "orbax")])
+def test_empty_and_scalar_arrays_round_trip(tmp_path, fmt, dest):
+    tensors = {
+        "empty": np.zeros((0, 3), np.float32),
+        "none": np.zeros(0, ml_dtypes.bfloat16),
+        "s": np.float16(2),
+    }
+    jckpt.save(tmp_path / "root", tensors, step=0)
+    interop.export(tmp_path / "root", tmp_path / dest, format=fmt)
+    interop.import_from(tmp_path / dest, tmp_path / "back", step=0)
+    assert_same(flat(jckpt.restore(tmp_path / "back")), {k: np.asarray(v) for k, v in tensors.items()})
+
+
+def test_progress_bars_go_to_stderr_only(root, tmp_path, capsys):
+    interop.export(root, tmp_path / "hf", progress=True)
+    interop.import_from(tmp_path / "hf", tmp_path / "back", step=0, progress=True)
+    assert capsys.readouterr().out == ""

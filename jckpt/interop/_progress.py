@@ -32,7 +32,7 @@ def bar(description: str, total_bytes: int | None, enabled: bool | None = None) 
     Args:
       description: what is being done, e.g. ``"export safetensors"``.
       total_bytes: the bytes the bar reaches at the end; None for work that
-        cannot be counted (an indeterminate, pulsing bar).
+        cannot be counted (a spinner and the elapsed time).
       enabled: force on or off; None shows it only when stderr is a terminal.
 
     Yields:
@@ -47,18 +47,23 @@ def bar(description: str, total_bytes: int | None, enabled: bool | None = None) 
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        SpinnerColumn,
         TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
     from rich.progress import Progress as RichProgress
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+    if total_bytes is None:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    else:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
     with RichProgress(*columns, console=Console(stderr=True), transient=True) as progress:
         yield _Bar(progress, progress.add_task(description, total=total_bytes))

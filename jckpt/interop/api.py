@@ -293,7 +293,7 @@ def import_from(
                     + ", ".join(plan.skipped),
                     stacklevel=2,
                 )
-        with _progress.bar(f"save step {step}", None, progress):
+        with _progress.bar(f"import {format}: saving step {step}", None, progress):
             return _source.save_imported(
                 directory,
                 tree,
