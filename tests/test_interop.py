@@ -656,3 +656,24 @@ def test_progress_bars_go_to_stderr_only(root, tmp_path, capsys):
     interop.export(root, tmp_path / "hf", progress=True)
     interop.import_from(tmp_path / "hf", tmp_path / "back", step=0, progress=True)
     assert capsys.readouterr().out == ""
+
+
+def test_import_into_a_committed_step_is_refused_before_reading(tmp_path, monkeypatch):
+    save_file({"w": np.ones(2)}, tmp_path / "x.safetensors")
+    jckpt.save(tmp_path / "root", {"w": np.zeros(2)}, step=0)
+    monkeypatch.setattr(st_lib, "read", lambda source: pytest.fail("read the source"))
+    with pytest.raises(jckpt.StepExistsError):
+        interop.import_from(tmp_path / "x.safetensors", tmp_path / "root", step=0)
+
+
+def test_a_tree_that_is_one_array_has_no_name_to_export(tmp_path):
+    jckpt.save(tmp_path / "root", np.ones(3), step=0)
+    with pytest.raises(ValueError, match="no key path"):
+        interop.export(tmp_path / "root", tmp_path / "hf")
+
+
+def test_a_bad_index_is_an_unsupported_source(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(interop.UnsupportedSourceError, match="not a safetensors index"):
+        interop.import_from(tmp_path / "hf", tmp_path / "root", step=0)

@@ -31,10 +31,13 @@ def check_unique(names: Iterable[tuple[str, str]]) -> None:
       names: (name, description of the leaf) pairs, e.g. the jckpt key path.
 
     Raises:
-      ValueError: names the two leaves, e.g. ``{"a.b": x}`` and ``{"a": {"b": y}}``.
+      ValueError: names the two leaves, e.g. ``{"a.b": x}`` and ``{"a": {"b": y}}``; or a
+        leaf has no name (the whole tree is one array).
     """
     seen: dict[str, str] = {}
     for name, where in names:
+        if not name:
+            raise ValueError("the checkpoint's tree is a single array with no key path, so it has no name")
         if name in seen:
             raise ValueError(
                 f"leaves {seen[name]!r} and {where!r} both export as {name!r}: key names "

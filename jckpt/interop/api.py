@@ -248,7 +248,8 @@ def import_from(
       format: "orbax", "safetensors" or "npz"; None detects it.
       metadata: extra metadata for the step; ``"imported_from"`` is set to
         ``"<format>:<absolute source path>"``.
-      scratch_dir: where temporary decoded arrays go (default: the system temp dir).
+      scratch_dir: where temporary decoded arrays go (default: the system temp dir;
+        give a disk path where that is a RAM-backed tmpfs).
       progress: show progress on stderr; None: only when stderr is a terminal.
 
     Returns:
@@ -265,6 +266,8 @@ def import_from(
     _check_format(format)
     if not os.path.exists(source):
         raise FileNotFoundError(f"import source {source!r} does not exist")
+    if int(step) in jckpt.all_steps(directory):  # before decoding anything (save checks again)
+        raise jckpt.StepExistsError(f"step {step} is already committed at {os.fspath(directory)!r}")
     extra: dict[str, Any] = {}
     metrics = None
     with Spool(scratch_dir) as spool:

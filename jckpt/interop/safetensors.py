@@ -269,7 +269,10 @@ def read_file(path: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
     """
     header, start = read_header(path)
     where = os.fspath(path)
-    raw = json.loads((header.pop("__metadata__", None) or {}).get(DTYPES_KEY, "{}"))
+    try:
+        raw = json.loads((header.pop("__metadata__", None) or {}).get(DTYPES_KEY, "{}"))
+    except (ValueError, AttributeError) as e:
+        raise UnsupportedSourceError(f"{where!r}: bad __metadata__[{DTYPES_KEY!r}]: {e}") from e
     size = os.path.getsize(path)
     mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.empty(0, np.uint8)
     out = []
@@ -317,17 +320,28 @@ def files_of(directory: str | os.PathLike) -> list[str] | None:
         )
     if indexes:
         index_path = os.path.join(directory, indexes[0])
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UnsupportedSourceError(f"{index_path!r} is not a safetensors index: {e}") from e
-        return _files_of_index(index_path, weight_map)
+        return _files_of_index(index_path, weight_map(index_path))
     if len(files) > 1:
         raise UnsupportedSourceError(
             f"{directory!r} holds several safetensors files ({', '.join(files)}) and no index: pass one file"
         )
     return [os.path.join(directory, files[0])] if files else None
+
+
+def weight_map(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> file name) of a ``*.safetensors.index.json``.
+
+    Raises:
+      UnsupportedSourceError: not JSON, or no ``weight_map`` object of strings.
+    """
+    try:
+        with open(index_path) as f:
+            mapping = json.load(f)["weight_map"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UnsupportedSourceError(f"{index_path!r} is not a safetensors index: {e!r}") from e
+    return mapping
 
 
 def _files_of_index(index_path: str, weight_map: dict) -> list[str]:
@@ -355,8 +369,7 @@ def read(source: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
         index_path = os.path.join(source, index) if index else None
     elif source.endswith(".safetensors.index.json"):
         index_path = source
-        with open(source) as f:
-            files = _files_of_index(source, json.load(f)["weight_map"])
+        files = _files_of_index(source, weight_map(source))
     else:
         files, index_path = [source], None
     tensors: list[tuple[str, np.ndarray]] = []
@@ -368,9 +381,7 @@ def read(source: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
             where[name] = path
             tensors.append((name, array))
     if index_path is not None:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        missing = sorted(set(weight_map) - set(where))
+        missing = sorted(set(weight_map(index_path)) - set(where))
         if missing:
             raise UnsupportedSourceError(
                 f"{index_path!r} maps {len(missing)} tensor(s) missing from their files: {missing[:5]}"
