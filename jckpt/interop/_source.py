@@ -1,6 +1,8 @@
 """The one adapter between interop and a jckpt checkpoint root.
 
-Everything interop needs from the core goes through here:
+Everything interop needs from the core goes through here, and this is the
+only interop module that imports the ``jckpt`` package (its public names are
+looked up at call time, so ``jckpt/__init__.py`` may import ``jckpt.interop``):
 
 * ``leaf_specs``: the saved tree's leaves (key paths, shapes and dtypes),
   read from the manifest alone;
@@ -19,13 +21,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
 
 import jckpt
 from jckpt.interop import _dtypes
+
+if TYPE_CHECKING:
+    from jckpt import CheckpointInfo
 
 # Restore at most this many bytes per jckpt.restore call (one leaf above it is read alone).
 GROUP_BYTES = 64 * 2**20
@@ -60,6 +65,19 @@ def names(spec: LeafSpec) -> tuple[str, ...]:
 
 
 _KEY_ENTRY = {"d": jax.tree_util.DictKey, "a": jax.tree_util.GetAttrKey, "i": jax.tree_util.SequenceKey}
+
+
+def is_jckpt_root(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a local directory holding a jckpt root marker."""
+    from jckpt import layout  # TODO(lead): a public "is this a root" check, if one lands
+
+    return os.path.isfile(os.path.join(os.fspath(path), layout.ROOT_MARKER))
+
+
+def check_step_free(directory: str | os.PathLike, step: int) -> None:
+    """Raises StepExistsError when ``step`` is already committed at ``directory``."""
+    if int(step) in jckpt.all_steps(directory):
+        raise jckpt.StepExistsError(f"step {step} is already committed at {os.fspath(directory)!r}")
 
 
 def resolve_step(directory: str | os.PathLike, step: int | None) -> int:
@@ -161,7 +179,7 @@ def save_imported(
     origin: str,
     metadata: dict | None = None,
     metrics: dict | None = None,
-) -> jckpt.CheckpointInfo:
+) -> CheckpointInfo:
     """Saves an imported tree as one jckpt step, recording its origin.
 
     Args:

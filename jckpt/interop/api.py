@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import jckpt
 from jckpt.interop import _names, _progress, _source
 from jckpt.interop import npz as npz_lib
 from jckpt.interop import orbax as orbax_lib
 from jckpt.interop import safetensors as safetensors_lib
 from jckpt.interop._spool import Spool
 from jckpt.interop.errors import UnsupportedSourceError
+
+if TYPE_CHECKING:
+    from jckpt import CheckpointInfo
 
 FORMATS = ("safetensors", "npz", "orbax")
 
@@ -190,7 +192,7 @@ def detect_format(source: str | os.PathLike) -> str:
             f"{source!r} is {_describe_file(source)}; not a safetensors or npz file "
             "(an Orbax checkpoint is a directory)"
         )
-    if os.path.exists(os.path.join(source, "jckpt.json")):
+    if _source.is_jckpt_root(source):
         raise UnsupportedSourceError(
             f"{source!r} is a jckpt checkpoint root already; read it with jckpt.restore "
             "(or copy steps with jckpt.restore and jckpt.save)"
@@ -220,7 +222,7 @@ def import_from(
     metadata: dict | None = None,
     scratch_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
-) -> jckpt.CheckpointInfo:
+) -> CheckpointInfo:
     """Imports a safetensors, npz or Orbax checkpoint as one step of a jckpt root.
 
     The tree written: for safetensors and npz, tensor names split on ``"."``
@@ -266,8 +268,7 @@ def import_from(
     _check_format(format)
     if not os.path.exists(source):
         raise FileNotFoundError(f"import source {source!r} does not exist")
-    if int(step) in jckpt.all_steps(directory):  # before decoding anything (save checks again)
-        raise jckpt.StepExistsError(f"step {step} is already committed at {os.fspath(directory)!r}")
+    _source.check_step_free(directory, step)  # before decoding anything (the save checks again)
     extra: dict[str, Any] = {}
     metrics = None
     with Spool(scratch_dir) as spool:
