@@ -11,7 +11,8 @@ The modules, in layers (each imports only from the layers above it in this list)
 - ``write`` / ``read`` / ``place``: writing fragments; reading and verifying chunks; placing arrays.
 - ``gc``: reclaiming what no manifest references.
 - ``multihost``: coordination under ``jax.distributed``.
-- ``api``: save / restore / info / metadata / verify / delete (orchestration only).
+- ``api``: save / restore / info / metadata / verify / delete / tags (orchestration only).
+- ``interop``: export to and import from safetensors, npz and Orbax.
 - ``policy``: when to save, which kind, what to keep (optax-style rules).
 - ``manager``: ``CheckpointManager``, the stateful shell over api + policy.
 - ``cli``: the ``jckpt`` command.
@@ -41,7 +42,10 @@ from jckpt.errors import StepTaggedError
 from jckpt.errors import TreeMismatchError
 from jckpt.errors import UnsupportedFormatError
 from jckpt.errors import UnsupportedLeafError
+from jckpt.errors import UnsupportedSourceError
 from jckpt.format import CheckpointInfo
+from jckpt.interop import export
+from jckpt.interop import import_from
 from jckpt.manager import CheckpointManager
 from jckpt.snapshot import Snapshot
 from jckpt.snapshot import snapshot
@@ -64,8 +68,11 @@ __all__ = (
     "TreeMismatchError",
     "UnsupportedFormatError",
     "UnsupportedLeafError",
+    "UnsupportedSourceError",
     "all_steps",
     "delete",
+    "export",
+    "import_from",
     "info",
     "latest_step",
     "metadata",

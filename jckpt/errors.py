@@ -78,3 +78,7 @@ class RootLockedError(OSError):
 
 class StepTaggedError(PermissionError):
     """A tagged step cannot be deleted until its tags are removed (``jckpt.untag``)."""
+
+
+class UnsupportedSourceError(ValueError):
+    """``jckpt.import_from`` cannot read a source; the message says what it found there."""

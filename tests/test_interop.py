@@ -214,7 +214,8 @@ def test_import_reads_a_file_written_by_the_safetensors_package(tmp_path):
     }
     save_file(tensors, tmp_path / "x.safetensors")
     info = interop.import_from(tmp_path / "x.safetensors", tmp_path / "root", step=1)
-    assert info.metadata == {"imported_from": f"safetensors:{tmp_path / 'x.safetensors'}"}
+    assert not info.metadata
+    assert info.lineage["origin"] == f"imported from safetensors:{tmp_path / 'x.safetensors'}"
     restored = jckpt.restore(tmp_path / "root")
     assert restored["model"]["layers"]["0"]["b"].dtype == np.float64  # numeric parts are dict keys
     assert_same(flat(restored), tensors)
@@ -338,7 +339,7 @@ def _restored_by_orbax(path):
 def _check_import(source, tmp_path, saved):
     """Imports ``source``: the tree Orbax restores, with the dtypes and bytes of what was ``saved``."""
     info = interop.import_from(source, tmp_path / "root", step=3)
-    assert info.metadata["imported_from"] == f"orbax:{source}"
+    assert info.lineage["origin"] == f"imported from orbax:{source}"
     restored = jckpt.restore(tmp_path / "root", step=3)
     by_orbax = _restored_by_orbax(source)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(by_orbax)
@@ -568,7 +569,8 @@ def test_export_of_an_explicit_step_and_of_the_latest(tmp_path):
 def test_import_keeps_user_metadata_next_to_the_origin(tmp_path):
     save_file({"w": np.ones(2)}, tmp_path / "x.safetensors")
     info = interop.import_from(tmp_path / "x.safetensors", tmp_path / "root", step=0, metadata={"run": "a"})
-    assert info.metadata == {"run": "a", "imported_from": f"safetensors:{tmp_path / 'x.safetensors'}"}
+    assert info.metadata == {"run": "a"}
+    assert info.lineage["origin"] == f"imported from safetensors:{tmp_path / 'x.safetensors'}"
 
 
 def test_safetensors_header_is_8_byte_aligned_and_covers_the_file(root, tmp_path):

@@ -1,7 +1,6 @@
 """Export jckpt steps to safetensors, npz and Orbax; import them back (see docs/deploying.md).
 
-TODO(lead): expose ``export`` and ``import_from`` as ``jckpt.export`` /
-``jckpt.import_from`` (and UnsupportedSourceError as ``jckpt.UnsupportedSourceError``).
+``export`` and ``import_from`` are also ``jckpt.export`` and ``jckpt.import_from``.
 """
 # ruff: noqa: I001  (the public API: one name per line)
 
@@ -9,7 +8,7 @@ from jckpt.interop.api import ExportInfo
 from jckpt.interop.api import detect_format
 from jckpt.interop.api import export
 from jckpt.interop.api import import_from
-from jckpt.interop.errors import UnsupportedSourceError
+from jckpt.errors import UnsupportedSourceError
 
 __all__ = (
     "ExportInfo",

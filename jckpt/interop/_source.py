@@ -11,10 +11,8 @@ looked up at call time, so ``jckpt/__init__.py`` may import ``jckpt.interop``):
 * ``save_imported``: one ``jckpt.save`` of an imported tree, recording where it
   came from.
 
-TODO(lead): when ``jckpt.metadata`` lands, ``leaf_specs`` becomes
-``jax.tree_util.tree_flatten_with_path(jckpt.metadata(directory, step))`` (key
-entries turned into names by ``key_name``), and ``save_imported`` moves the
-origin from ``metadata["imported_from"]`` into the manifest's lineage.
+The origin of an import is recorded in the step's lineage
+(``info().lineage["origin"]``, e.g. ``"imported from orbax:/ckpts/run/1000"``).
 """
 
 from __future__ import annotations
@@ -27,7 +25,9 @@ import jax
 import numpy as np
 
 import jckpt
+from jckpt import format as fmt
 from jckpt.interop import _dtypes
+from jckpt.root import Root
 
 if TYPE_CHECKING:
     from jckpt import CheckpointInfo
@@ -69,9 +69,7 @@ _KEY_ENTRY = {"d": jax.tree_util.DictKey, "a": jax.tree_util.GetAttrKey, "i": ja
 
 def is_jckpt_root(path: str | os.PathLike) -> bool:
     """True when ``path`` is a local directory holding a jckpt root marker."""
-    from jckpt import layout  # TODO(lead): a public "is this a root" check, if one lands
-
-    return os.path.isfile(os.path.join(os.fspath(path), layout.ROOT_MARKER))
+    return os.path.isfile(os.path.join(os.fspath(path), fmt.ROOT_MARKER))
 
 
 def check_step_free(directory: str | os.PathLike, step: int) -> None:
@@ -80,18 +78,13 @@ def check_step_free(directory: str | os.PathLike, step: int) -> None:
         raise jckpt.StepExistsError(f"step {step} is already committed at {os.fspath(directory)!r}")
 
 
-def resolve_step(directory: str | os.PathLike, step: int | None) -> int:
-    """``step``, or the latest committed step when it is None.
+def resolve_step(directory: str | os.PathLike, step: int | str | None) -> int:
+    """The committed step ``step`` names (a number or a tag), or the latest when it is None.
 
     Raises:
-      CheckpointNotFoundError: there is no committed step at ``directory``.
+      CheckpointNotFoundError: there is no such committed step at ``directory``.
     """
-    if step is not None:
-        return int(step)
-    latest = jckpt.latest_step(directory)
-    if latest is None:
-        raise jckpt.CheckpointNotFoundError(f"no jckpt checkpoints at {os.fspath(directory)!r}")
-    return latest
+    return jckpt.info(directory, step).step
 
 
 def leaf_specs(directory: str | os.PathLike, step: int) -> list[LeafSpec]:
@@ -103,18 +96,16 @@ def leaf_specs(directory: str | os.PathLike, step: int) -> list[LeafSpec]:
       CheckpointNotFoundError: no such step.
       UnsupportedFormatError: written by a newer jckpt.
     """
-    from jckpt import layout  # TODO(lead): jckpt.metadata(directory, step) replaces this block
-
-    root = layout.Root(directory)
+    root = Root(directory)
     root.check_version()
-    manifest = root.read_manifest(int(step))
+    manifest = root.read_manifest(fmt.check_step(step))
     return [
         LeafSpec(
-            tuple(_KEY_ENTRY[kind](value) for kind, value in leaf["keys"]),
-            jax.ShapeDtypeStruct(tuple(leaf["shape"]), _dtypes.by_name(leaf["dtype"])),
+            tuple(_KEY_ENTRY[kind](value) for kind, value in leaf.keys),
+            jax.ShapeDtypeStruct(tuple(leaf.shape), _dtypes.by_name(leaf.dtype)),
         )
-        for leaf in manifest["leaves"]
-        if leaf["origin"] != "none"
+        for leaf in manifest.leaves
+        if leaf.storage != fmt.NONE
     ]
 
 
@@ -187,13 +178,11 @@ def save_imported(
       tree: nested dicts/lists of numpy arrays (memory-mapped where possible).
       step: the step to write.
       origin: where it came from, e.g. ``"orbax:/ckpts/run1/1000"``.
-      metadata: extra user metadata (the origin is added as ``imported_from``).
+      metadata: user metadata for the step.
       metrics: metrics to store with the step, e.g. those of the Orbax step.
 
     Returns:
       The CheckpointInfo of the new step.
     """
-    # TODO(lead): record `origin` in the manifest's lineage ("imported from <origin>").
-    return jckpt.save(
-        directory, tree, step=step, metadata={**(metadata or {}), "imported_from": origin}, metrics=metrics
-    )
+    lineage = {"origin": f"imported from {origin}"}
+    return jckpt.save(directory, tree, step=step, metadata=metadata, metrics=metrics, lineage=lineage)

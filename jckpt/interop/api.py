@@ -7,12 +7,12 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from jckpt.errors import UnsupportedSourceError
 from jckpt.interop import _names, _progress, _source
 from jckpt.interop import npz as npz_lib
 from jckpt.interop import orbax as orbax_lib
 from jckpt.interop import safetensors as safetensors_lib
 from jckpt.interop._spool import Spool
-from jckpt.interop.errors import UnsupportedSourceError
 
 if TYPE_CHECKING:
     from jckpt import CheckpointInfo
@@ -50,7 +50,7 @@ def export(
     directory: str | os.PathLike,
     destination: str | os.PathLike,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     format: str = "safetensors",
     select: str | list[str] | None = None,
     max_shard_size: int | str = "5GB",
@@ -248,14 +248,14 @@ def import_from(
       directory: the jckpt root to write (created if missing).
       step: the step number to write; it must not be committed already.
       format: "orbax", "safetensors" or "npz"; None detects it.
-      metadata: extra metadata for the step; ``"imported_from"`` is set to
-        ``"<format>:<absolute source path>"``.
+      metadata: user metadata for the step.
       scratch_dir: where temporary decoded arrays go (default: the system temp dir;
         give a disk path where that is a RAM-backed tmpfs).
       progress: show progress on stderr; None: only when stderr is a terminal.
 
     Returns:
-      The CheckpointInfo of the new step (its ``metadata["imported_from"]`` names the source).
+      The CheckpointInfo of the new step; ``lineage["origin"]`` names the source
+      (``"imported from <format>:<absolute source path>"``).
 
     Raises:
       FileNotFoundError: nothing at ``source``.

@@ -26,10 +26,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from jckpt.errors import UnsupportedSourceError
 from jckpt.interop import _dtypes, _progress
 from jckpt.interop._files import atomic_file
 from jckpt.interop._spool import Spool
-from jckpt.interop.errors import UnsupportedSourceError
 
 DTYPES_MEMBER = "__jckpt_dtypes__"
 _READ_PIECE = 16 * 2**20

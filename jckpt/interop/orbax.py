@@ -39,11 +39,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
-from jckpt.errors import UnsupportedLeafError
+from jckpt.errors import UnsupportedLeafError, UnsupportedSourceError
 from jckpt.interop import _names, _progress
 from jckpt.interop._files import atomic_directory
 from jckpt.interop._spool import Spool
-from jckpt.interop.errors import UnsupportedSourceError
 
 METADATA = "_METADATA"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"

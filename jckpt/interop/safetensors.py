@@ -28,9 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jckpt.errors import UnsupportedSourceError
 from jckpt.interop import _dtypes, _progress
 from jckpt.interop._files import atomic_directory
-from jckpt.interop.errors import UnsupportedSourceError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
