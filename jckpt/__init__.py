@@ -12,6 +12,7 @@ The modules, in layers (each imports only from the layers above it in this list)
 - ``gc``: reclaiming what no manifest references.
 - ``multihost``: coordination under ``jax.distributed``.
 - ``api``: save / restore / info / metadata / verify / delete / tags (orchestration only).
+- ``diff``: comparing two steps leaf by leaf.
 - ``interop``: export to and import from safetensors, npz and Orbax.
 - ``policy``: when to save, which kind, what to keep (optax-style rules).
 - ``manager``: ``CheckpointManager``, the stateful shell over api + policy.
@@ -32,6 +33,8 @@ from jckpt.api import tag
 from jckpt.api import tags
 from jckpt.api import untag
 from jckpt.api import verify
+from jckpt.diff import LeafDiff
+from jckpt.diff import diff
 from jckpt.errors import CheckpointNotFoundError
 from jckpt.errors import CheckpointSaveError
 from jckpt.errors import CorruptCheckpointError
@@ -59,6 +62,7 @@ __all__ = (
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "LeafDiff",
     "NotACheckpointRootError",
     "RootLockedError",
     "SaveOptions",
@@ -71,6 +75,7 @@ __all__ = (
     "UnsupportedSourceError",
     "all_steps",
     "delete",
+    "diff",
     "export",
     "import_from",
     "info",

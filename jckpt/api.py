@@ -52,7 +52,7 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
-def _open(directory: str | os.PathLike, step: int | str | None) -> tuple[Root, fmt.Manifest]:
+def open_step(directory: str | os.PathLike, step: int | str | None) -> tuple[Root, fmt.Manifest]:
     """The root and the manifest of ``step`` (a number or a tag name; default: the latest)."""
     root = Root(directory)
     root.check_version()
@@ -91,7 +91,7 @@ def tag(directory: str | os.PathLike, step: int | str, name: str, *, force: bool
       >>> tag("/tmp/ckpt", 1000, "prod")  # doctest: +SKIP
       >>> state = restore("/tmp/ckpt", step="prod")  # doctest: +SKIP
     """
-    root, manifest = _open(directory, step)
+    root, manifest = open_step(directory, step)
     current = root.tag(fmt.check_tag(name))
     if current is not None and current != manifest.step and not force:
         raise ValueError(f"tag {name!r} already names step {current}; pass force=True to move it")
@@ -123,7 +123,7 @@ def info(directory: str | os.PathLike, step: int | str | None = None) -> fmt.Che
       CheckpointNotFoundError: no checkpoint / no such step.
       CorruptCheckpointError: a damaged manifest.
     """
-    return _open(directory, step)[1].info()
+    return open_step(directory, step)[1].info()
 
 
 def metadata(directory: str | os.PathLike, step: int | str | None = None) -> Any:
@@ -137,7 +137,7 @@ def metadata(directory: str | os.PathLike, step: int | str | None = None) -> Any
       >>> like = metadata("/tmp/ckpt")  # doctest: +SKIP
       >>> state = restore("/tmp/ckpt", like=like)  # doctest: +SKIP
     """
-    manifest = _open(directory, step)[1]
+    manifest = open_step(directory, step)[1]
 
     def struct(leaf: fmt.LeafRecord) -> Any:
         if leaf.storage == fmt.NONE:
@@ -161,7 +161,7 @@ def verify(directory: str | os.PathLike, step: int | str | None = None) -> fmt.C
       CorruptCheckpointError: names the step, leaf path and chunk that fail.
       CheckpointNotFoundError: no checkpoint / no such step.
     """
-    root, manifest = _open(directory, step)
+    root, manifest = open_step(directory, step)
     with _deleted_meanwhile(root, manifest.step):
         read_lib.read_to_host(root, manifest, manifest.leaves)
     return manifest.info()
@@ -399,7 +399,7 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | str |
     Example:
       >>> state = restore("/tmp/ckpt", like={"w": jax.ShapeDtypeStruct((3,), np.float32)})  # doctest: +SKIP
     """
-    root, manifest = _open(directory, step)
+    root, manifest = open_step(directory, step)
     if like is None:
         targets = [(leaf, read_lib.default_target(leaf)) for leaf in manifest.leaves]
         treedef = None

@@ -77,3 +77,20 @@ def test_metadata_is_the_saved_tree_and_a_valid_like(tmp_path):
     assert jax.dtypes.issubdtype(like["rng"].dtype, jax.dtypes.prng_key)
     restored = jckpt.restore(tmp_path, like=like)
     assert isinstance(restored["params"]["w"], jax.Array) and restored["params"]["w"].shape == (4, 3)
+
+
+def test_diff_reports_per_leaf_changes_with_magnitudes(tmp_path):
+    a = {"w": np.ones((300, 300), np.float32), "b": np.zeros(4), "gone": np.ones(2), "same": np.arange(5.0)}
+    jckpt.save(tmp_path, a, step=1)
+    b = {"w": a["w"].copy(), "b": np.zeros(5), "new": np.ones(1), "same": a["same"]}
+    b["w"][0, 0] = 4.0
+    jckpt.save(tmp_path, b, step=2)
+    report = {d.path: d for d in jckpt.diff(tmp_path, 1, 2)}
+    assert {p: d.status for p, d in report.items()} == {
+        "w": "changed", "b": "shape", "gone": "removed", "same": "same", "new": "added"
+    }
+    assert report["w"].max_abs == 3.0
+    assert report["w"].rel_l2 == pytest.approx(3.0 / 300.0)
+    assert report["b"].a == "float64[4]" and report["b"].b == "float64[5]"
+    jckpt.save(tmp_path / "other", b, step=9)  # across roots
+    assert all(d.status == "same" for d in jckpt.diff(tmp_path, 2, 9, directory_b=tmp_path / "other"))
