@@ -7,12 +7,12 @@ The modules, in layers (each imports only from the layers above it in this list)
 - ``storage``: tensorstore kvstore specs for paths and URLs; retries; key operations.
 - ``root``: a checkpoint root: marker, committed steps, manifests, the commit.
 - ``tree``, ``chunking``, ``hashing``: pytree paths, chunk grids, chunk hashes.
-- ``snapshot``: a pytree copied to host, planned into chunked and packed leaves.
+- ``snapshots``: a pytree copied to host, planned into chunked and packed leaves.
 - ``write`` / ``read`` / ``place``: writing fragments; reading and verifying chunks; placing arrays.
 - ``gc``: reclaiming what no manifest references.
 - ``multihost``: coordination under ``jax.distributed``.
 - ``api``: save / restore / info / metadata / verify / delete / tags (orchestration only).
-- ``diff``: comparing two steps leaf by leaf.
+- ``compare``: comparing two steps (``jckpt.diff``) leaf by leaf.
 - ``interop``: export to and import from safetensors, npz and Orbax.
 - ``policy``: when to save, which kind, what to keep (optax-style rules).
 - ``manager``: ``CheckpointManager``, the stateful shell over api + policy.
@@ -20,21 +20,11 @@ The modules, in layers (each imports only from the layers above it in this list)
 """
 # ruff: noqa: I001  (the public API: one name per line)
 
-from jckpt import policy
-from jckpt.api import all_steps
-from jckpt.api import delete
-from jckpt.api import info
-from jckpt.api import latest_step
-from jckpt.api import metadata
-from jckpt.api import restore
-from jckpt.api import save
-from jckpt.api import save_snapshot
-from jckpt.api import tag
-from jckpt.api import tags
-from jckpt.api import untag
-from jckpt.api import verify
-from jckpt.diff import LeafDiff
-from jckpt.diff import diff
+import importlib
+from typing import Any
+
+# Errors import nothing heavy, so they are loaded at once; everything else on first use
+# (``import jckpt`` stays cheap, and ``jckpt --help`` answers without importing jax).
 from jckpt.errors import CheckpointNotFoundError
 from jckpt.errors import CheckpointSaveError
 from jckpt.errors import CorruptCheckpointError
@@ -46,13 +36,45 @@ from jckpt.errors import TreeMismatchError
 from jckpt.errors import UnsupportedFormatError
 from jckpt.errors import UnsupportedLeafError
 from jckpt.errors import UnsupportedSourceError
-from jckpt.format import CheckpointInfo
-from jckpt.interop import export
-from jckpt.interop import import_from
-from jckpt.manager import CheckpointManager
-from jckpt.snapshot import Snapshot
-from jckpt.snapshot import snapshot
-from jckpt.write import SaveOptions
+
+_API = {  # public name -> the module that defines it
+    "policy": "jckpt.policy",
+    "all_steps": "jckpt.api",
+    "delete": "jckpt.api",
+    "info": "jckpt.api",
+    "latest_step": "jckpt.api",
+    "metadata": "jckpt.api",
+    "restore": "jckpt.api",
+    "save": "jckpt.api",
+    "save_snapshot": "jckpt.api",
+    "tag": "jckpt.api",
+    "tags": "jckpt.api",
+    "untag": "jckpt.api",
+    "verify": "jckpt.api",
+    "LeafDiff": "jckpt.compare",
+    "diff": "jckpt.compare",
+    "CheckpointInfo": "jckpt.format",
+    "export": "jckpt.interop",
+    "import_from": "jckpt.interop",
+    "CheckpointManager": "jckpt.manager",
+    "Snapshot": "jckpt.snapshots",
+    "snapshot": "jckpt.snapshots",
+    "SaveOptions": "jckpt.write",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'jckpt' has no attribute {name!r}")
+    module = importlib.import_module(_API[name])
+    value = module if name == "policy" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
+
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ from jckpt.errors import (
     TreeMismatchError,
 )
 from jckpt.root import Root, new_data_dir, os_errors
-from jckpt.snapshot import Snapshot, snapshot
+from jckpt.snapshots import Snapshot, snapshot
 from jckpt.write import SaveOptions
 
 

@@ -35,7 +35,7 @@ from jckpt import api, lease, multihost
 from jckpt import policy as P
 from jckpt.errors import CheckpointNotFoundError, CheckpointSaveError, StepExistsError
 from jckpt.root import Root
-from jckpt.snapshot import snapshot
+from jckpt.snapshots import snapshot
 
 __all__ = ["CheckpointManager", "CheckpointSaveError"]
 

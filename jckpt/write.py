@@ -22,7 +22,7 @@ from jckpt import chunking, hashing, storage
 from jckpt import format as fmt
 from jckpt.errors import TreeMismatchError
 from jckpt.root import Root
-from jckpt.snapshot import LeafSnapshot, Snapshot
+from jckpt.snapshots import LeafSnapshot, Snapshot
 
 MIN_CHUNK_BYTES = 64  # one cache line (the packing alignment); smaller only multiplies files
 
