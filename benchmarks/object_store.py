@@ -41,6 +41,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(summaries, f, indent=2)
     finally:
         server.stop()
+        shutil.rmtree(logs, ignore_errors=True)
     return 0
 
 
