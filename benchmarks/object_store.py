@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import servers
 
-    logs = tempfile.mkdtemp(prefix="jckpt-bench-")
+    logs = tempfile.mkdtemp(prefix="jckpt-objstore-bench-logs-")
     server = servers.start_moto(logs)
     try:
         os.environ.update(servers.s3_environment(server.url))
