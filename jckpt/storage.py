@@ -1,17 +1,36 @@
-"""Tensorstore specs and key-value stores, one pure function per spec.
+"""Tensorstore kvstores for every backend: specs, context, keys, listing, deletes, errors.
 
 Every byte jckpt reads or writes goes through a tensorstore kvstore built
-here, so a new backend (``s3://``, ``gs://``) is a new branch in
-:func:`kvstore_spec`, not a rewrite.
+here.  A checkpoint location is a local path, ``file://PATH``,
+``memory://NAME``, ``s3://BUCKET/PREFIX`` or ``gs://BUCKET/PREFIX``
+(docs/storage.md).  Configuration follows each ecosystem's conventions, read
+from the environment and nothing else:
+
+- S3: ``AWS_ENDPOINT_URL_S3`` (wins) or ``AWS_ENDPOINT_URL`` for an
+  S3-compatible server, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and
+  tensorstore's default AWS credential chain (environment, profile, ECS, IMDS).
+- GCS: application default credentials, and ``STORAGE_EMULATOR_HOST``
+  (``host:port`` or ``http://host:port``) for an emulator.  Tensorstore
+  0.1.86 has no endpoint member in its ``gcs`` spec; it reads
+  ``TENSORSTORE_GCS_HTTP_URL`` when a store is *opened*, so
+  :func:`open_kvstore` sets that variable from ``STORAGE_EMULATOR_HOST``.
+
+Object stores have no rename and no directories.  The helpers here therefore
+never delete a range or a prefix: :func:`list_keys` lists (robustly, see
+below) and :func:`delete_keys` deletes exactly the keys it is given, one
+DELETE each, in parallel batches.  Tensorstore's own ``delete_range`` lists
+and deletes whatever the server answered, and the GCS emulator ignores
+``startOffset``/``endOffset``, so there a range delete empties the bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno as errno_lib
 import os
 import re
-import shutil
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import tensorstore as ts
 
@@ -22,32 +41,142 @@ COMPRESSION_CODECS = {
     "blosc": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}}],
 }
 
+# The file kvstore writes each key to ``<key>.__lock`` and then renames it into place.
+LOCK_SUFFIX = ".__lock"
 
-def kvstore_spec(root: str | os.PathLike) -> dict[str, Any]:
-    """The tensorstore kvstore spec of a checkpoint root (a path or URL).
+REMOTE_DRIVERS = ("s3", "gcs")
+
+# Curl stall and connect limits, set (unless already set) before the first remote store is opened:
+# without them a server that accepts a connection and never answers hangs a request forever.
+# Tensorstore reads them once, when its HTTP transport starts.  JAX sets the same two on TPU VMs.
+CURL_DEFAULTS = {
+    "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "60",
+    "TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES": "256",
+    "TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS": "30",
+}
+
+
+class Retries(NamedTuple):
+    """Bounded exponential backoff for transient HTTP errors (5xx, 429, resets, timeouts).
+
+    Tensorstore retries a request up to ``max_retries`` times, waiting
+    ``initial_delay * 2**attempt`` (at most ``max_delay``, plus jitter) between
+    attempts, then fails with the last error.  The defaults give up after
+    about 40 s of backoff in total, plus the requests' own time.
+    """
+
+    max_retries: int = 8
+    initial_delay: str = "500ms"
+    max_delay: str = "10s"
+
+
+# -- locations and specs -------------------------------------------------------------------
+
+
+def kvstore_spec(location: str | os.PathLike, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The tensorstore kvstore spec of a checkpoint location (a path or URL).
+
+    Args:
+      location: a local path, ``file://PATH``, ``memory://NAME``, ``s3://BUCKET[/PREFIX]``
+        or ``gs://BUCKET[/PREFIX]``.
+      environ: the environment to read S3 settings from (default ``os.environ``).
+
+    Returns:
+      The spec; its ``path`` ends in "/" (or is "" for a bucket's top).
+
+    Raises:
+      ValueError: for an unsupported scheme, a missing bucket name or a "." / ".." prefix segment.
 
     Example:
       >>> kvstore_spec("/ckpt")
       {'driver': 'file', 'path': '/ckpt/'}
       >>> kvstore_spec("memory://scratch")["driver"]
       'memory'
+      >>> kvstore_spec("gs://bkt/runs/a")
+      {'driver': 'gcs', 'bucket': 'bkt', 'path': 'runs/a/'}
+      >>> env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"}
+      >>> kvstore_spec("s3://bkt/run", env)  # doctest: +NORMALIZE_WHITESPACE
+      {'driver': 's3', 'bucket': 'bkt', 'path': 'run/',
+       'endpoint': 'http://127.0.0.1:9000', 'aws_region': 'eu-west-1'}
     """
-    text = os.fspath(root)
+    text = os.fspath(location)
     if text.startswith("memory://"):
         return {"driver": "memory", "path": _dir(text[len("memory://") :])}
     if text.startswith("file://"):
         text = text[len("file://") :]
-    if "://" in text:
-        raise ValueError(f"unsupported checkpoint location {text!r}: only local paths for now")
-    return {"driver": "file", "path": _dir(os.path.abspath(text))}
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return {"driver": "file", "path": _dir(os.path.abspath(text))}
+    if scheme not in ("s3", "gs"):
+        raise ValueError(
+            f"unsupported checkpoint location {text!r}: give a local path, file://, memory://, s3:// or gs://"
+        )
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"checkpoint location {text!r} names no bucket ({scheme}://BUCKET/PREFIX)")
+    segments = [s for s in prefix.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise ValueError(f"checkpoint location {text!r}: '.' and '..' are not allowed in an object prefix")
+    path = "".join(s + "/" for s in segments)
+    if scheme == "gs":
+        return {"driver": "gcs", "bucket": bucket, "path": path}
+    settings = s3_settings(os.environ if environ is None else environ)
+    return {"driver": "s3", "bucket": bucket, "path": path, **settings}
+
+
+def s3_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The endpoint and region members of an s3 spec, from the AWS environment variables.
+
+    ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``; ``AWS_REGION`` over
+    ``AWS_DEFAULT_REGION``.  Unset ones are left out: tensorstore then uses the
+    public AWS endpoints and discovers the bucket's region itself.
+
+    Example:
+      >>> s3_settings({"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "http://b:2/"})
+      {'endpoint': 'http://b:2'}
+      >>> s3_settings({"AWS_DEFAULT_REGION": "us-west-2"})
+      {'aws_region': 'us-west-2'}
+    """
+    settings = {}
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        settings["endpoint"] = endpoint.rstrip("/")
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        settings["aws_region"] = region
+    return settings
+
+
+def gcs_endpoint(environ: Mapping[str, str]) -> str | None:
+    """The GCS endpoint URL named by ``STORAGE_EMULATOR_HOST``, or None when unset.
+
+    Example:
+      >>> gcs_endpoint({"STORAGE_EMULATOR_HOST": "127.0.0.1:9023"})
+      'http://127.0.0.1:9023'
+      >>> gcs_endpoint({"STORAGE_EMULATOR_HOST": "https://gcs.internal/"})
+      'https://gcs.internal'
+      >>> gcs_endpoint({}) is None
+      True
+    """
+    host = environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if not host:
+        return None
+    if "://" not in host:
+        host = "http://" + host
+    return host.rstrip("/")
 
 
 def _dir(path: str) -> str:
-    return path if path.endswith("/") else path + "/"
+    return path if path.endswith("/") or not path else path + "/"
 
 
 def join(spec: dict[str, Any], key: str) -> dict[str, Any]:
-    """``spec`` moved down to the sub-directory ``key``."""
+    """``spec`` moved down to the sub-directory ``key``.
+
+    Example:
+      >>> join({"driver": "s3", "bucket": "b", "path": "run/"}, "step_1/d0")["path"]
+      'run/step_1/d0/'
+    """
     return {**spec, "path": _dir(spec["path"] + key)}
 
 
@@ -56,14 +185,445 @@ def local_path(spec: dict[str, Any]) -> str | None:
     return spec["path"] if spec["driver"] == "file" else None
 
 
-def context(io_concurrency: int = 32) -> ts.Context:
-    """A tensorstore context without a chunk cache (checkpoints are written once)."""
+def is_remote(spec: dict[str, Any]) -> bool:
+    """Whether ``spec`` is an object store (no rename, no directories, requests cost money)."""
+    return spec["driver"] in REMOTE_DRIVERS
+
+
+def url(spec: dict[str, Any], key: str = "") -> str:
+    """A readable URL of ``key`` in ``spec``, for messages and as a root's identity.
+
+    Example:
+      >>> url({"driver": "s3", "bucket": "b", "path": "run/"}, "jckpt.json")
+      's3://b/run/jckpt.json'
+      >>> url({"driver": "gcs", "bucket": "b", "path": ""})
+      'gs://b/'
+      >>> url({"driver": "file", "path": "/ckpt/"}, "step_00000001")
+      '/ckpt/step_00000001'
+    """
+    driver = spec["driver"]
+    if driver == "s3":
+        return f"s3://{spec['bucket']}/{spec['path']}{key}"
+    if driver == "gcs":
+        return f"gs://{spec['bucket']}/{spec['path']}{key}"
+    if driver == "memory":
+        return f"memory://{spec['path']}{key}"
+    return spec["path"] + key
+
+
+# -- context and opening ---------------------------------------------------------------------
+
+
+DEFAULT_RETRIES = Retries()
+
+
+def context(
+    io_concurrency: int = 32, request_concurrency: int = 32, retries: Retries = DEFAULT_RETRIES
+) -> ts.Context:
+    """A tensorstore context for one checkpoint root.
+
+    No chunk cache (checkpoints are written once and read once); bounded
+    concurrency of local file I/O and of S3 / GCS requests; bounded
+    exponential backoff of transient S3 / GCS errors (:class:`Retries`).
+
+    Args:
+      io_concurrency: local file operations in flight.
+      request_concurrency: HTTP requests in flight per object-store driver.
+      retries: the backoff of transient HTTP errors.
+
+    Returns:
+      A new context; stores opened with it share its limits.
+    """
+    backoff = retries._asdict()
     return ts.Context(
         {
             "cache_pool": {"total_bytes_limit": 0},
             "file_io_concurrency": {"limit": io_concurrency},
+            "s3_request_concurrency": {"limit": request_concurrency},
+            "gcs_request_concurrency": {"limit": request_concurrency},
+            "s3_request_retries": backoff,
+            "gcs_request_retries": backoff,
         }
     )
+
+
+# Which TENSORSTORE_GCS_HTTP_URL value this module set, so it can be withdrawn with its source.
+_gcs_url_set_here: str | None = None
+
+
+def prepare_environment(spec: dict[str, Any], environ: Any = None) -> None:
+    """Sets the process-wide tensorstore variables a store of ``spec`` needs, before it is opened.
+
+    For s3 and gcs: the curl stall/connect limits of :data:`CURL_DEFAULTS`
+    (only where unset).  For gcs: ``TENSORSTORE_GCS_HTTP_URL`` from
+    ``STORAGE_EMULATOR_HOST`` (withdrawn again once that is unset).  Both are
+    read by tensorstore at open time (the curl ones once per process), never
+    in between, so this is called by :func:`open_kvstore`.
+
+    Args:
+      spec: the kvstore spec about to be opened.
+      environ: the environment to change (default ``os.environ``).
+    """
+    global _gcs_url_set_here
+    environ = os.environ if environ is None else environ
+    if not is_remote(spec):
+        return
+    for name, value in CURL_DEFAULTS.items():
+        environ.setdefault(name, value)
+    if spec["driver"] != "gcs":
+        return
+    endpoint = gcs_endpoint(environ)
+    if endpoint is not None:
+        environ["TENSORSTORE_GCS_HTTP_URL"] = _gcs_url_set_here = endpoint
+    elif _gcs_url_set_here is not None and environ.get("TENSORSTORE_GCS_HTTP_URL") == _gcs_url_set_here:
+        del environ["TENSORSTORE_GCS_HTTP_URL"]
+        _gcs_url_set_here = None
+
+
+def open_kvstore(spec: dict[str, Any], ctx: ts.Context | None = None) -> ts.KvStore:
+    """Opens the kvstore of ``spec`` (see :func:`prepare_environment` for s3 / gcs).
+
+    Raises:
+      ValueError: for a spec tensorstore rejects (e.g. an invalid bucket name).
+    """
+    prepare_environment(spec)
+    return ts.KvStore.open(spec, context=ctx).result()
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+_HTTP_CODE = re.compile(r"http_response_code='(\d+)'")
+_CURL_CODE = re.compile(r"curl_code='(\d+)'")
+_STATUS = re.compile(r"^([A-Z_]+): ")
+
+# curl codes: 6 host unresolved, 7 connect failed, 28 timeout, 52 empty reply, 55/56 send/recv failure.
+_CURL_TIMEOUT = {"28"}
+_CURL_REFUSED = {"6", "7"}
+
+
+def as_os_error(error: BaseException) -> BaseException:
+    """Tensorstore reports local I/O failures as ValueError; give those back as OSError (same errno).
+
+    Example:
+      >>> as_os_error(ValueError("Error writing local file: [os_error_code='28'] x")).errno
+      28
+      >>> isinstance(as_os_error(KeyError("k")), KeyError)
+      True
+    """
+    match = _OS_ERROR_CODE.search(str(error)) if isinstance(error, ValueError) else None
+    if match is None:
+        return error
+    code = int(match.group(1))
+    return OSError(code, f"{os.strerror(code)}: {error}")
+
+
+def translate_error(error: BaseException, where: str = "", step: int | None = None) -> BaseException:
+    """A standard exception for a tensorstore error, naming the bucket/key (``where``) and the step.
+
+    Tensorstore raises ``ValueError("CODE: text [http_response_code='404'] ...")``.
+
+    ==========================================================  =========================
+    tensorstore says                                             raised as
+    ==========================================================  =========================
+    ``os_error_code='N'`` (local I/O)                            ``OSError(N)``
+    NOT_FOUND (missing bucket: NoSuchBucket / 404 on write)      ``FileNotFoundError``
+    PERMISSION_DENIED / UNAUTHENTICATED / HTTP 401, 403          ``PermissionError``
+    curl timeout (28), DEADLINE_EXCEEDED                         ``TimeoutError``
+    curl connect failure (6, 7)                                  ``ConnectionRefusedError``
+    other curl failures (resets), UNAVAILABLE, retries used up   ``ConnectionError``
+    ==========================================================  =========================
+
+    Anything else (not a ValueError, or an unknown status) is returned unchanged.
+
+    Args:
+      error: what tensorstore raised.
+      where: the URL of the key or root concerned (:func:`url`).
+      step: the checkpoint step concerned, when there is one.
+
+    Returns:
+      The exception to raise (``raise translate_error(e, ...) from e``).
+
+    Example:
+      >>> e = translate_error(ValueError("NOT_FOUND: NoSuchBucket: gone [http_response_code='404']"),
+      ...                     "s3://nope/run/jckpt.json", step=3)
+      >>> type(e).__name__, e.errno, e.strerror.split(":")[0]
+      ('FileNotFoundError', 2, 'step 3, s3')
+    """
+    if not isinstance(error, ValueError):
+        return error
+    text = str(error)
+    local = as_os_error(error)
+    if local is not error:
+        code = local.errno
+        return OSError(code, f"{_context(where, step)}: {os.strerror(code)} ({text})")
+    status = _STATUS.match(text)
+    code = status.group(1) if status else ""
+    http = _HTTP_CODE.search(text)
+    http_code = int(http.group(1)) if http else None
+    curl = _CURL_CODE.search(text)
+    curl_code = curl.group(1) if curl else None
+    prefix = _context(where, step)
+    if code == "PERMISSION_DENIED" or code == "UNAUTHENTICATED" or http_code in (401, 403):
+        return PermissionError(errno_lib.EACCES, f"{prefix}: access denied (check the credentials): {text}")
+    if code == "NOT_FOUND" or http_code == 404:
+        return FileNotFoundError(errno_lib.ENOENT, f"{prefix}: not found (does the bucket exist?): {text}")
+    if curl_code in _CURL_TIMEOUT or code == "DEADLINE_EXCEEDED":
+        return TimeoutError(errno_lib.ETIMEDOUT, f"{prefix}: the storage server timed out: {text}")
+    if curl_code in _CURL_REFUSED:
+        return ConnectionRefusedError(
+            errno_lib.ECONNREFUSED, f"{prefix}: cannot reach the storage endpoint (is it up?): {text}"
+        )
+    transient = code in ("UNAVAILABLE", "ABORTED") or (http_code or 0) >= 500 or http_code == 429
+    if curl_code is not None or transient:
+        return ConnectionError(f"{prefix}: the storage server kept failing (retries used up): {text}")
+    return error
+
+
+def _context(where: str, step: int | None) -> str:
+    parts = ([f"step {step}"] if step is not None else []) + ([where] if where else [])
+    return ", ".join(parts) or "storage"
+
+
+def _kv_url(kv: ts.KvStore, key: str = "") -> str:
+    try:
+        spec = kv.spec().to_json()
+    except Exception:  # pragma: no cover - describing an error must not raise another
+        return key
+    spec.setdefault("path", "")
+    return url(spec, key) if "driver" in spec else key
+
+
+@contextlib.contextmanager
+def named_errors(where: str | Callable[[], str], step: int | None = None) -> Iterator[None]:
+    """Within the block, tensorstore errors are raised as :func:`translate_error` gives them.
+
+    Args:
+      where: the URL named in messages, or a function computing it (called only on error).
+      step: the step named in messages.
+
+    Example::
+
+        with storage.named_errors(storage.url(spec, key), step=step):
+            ts.open(array_spec).result()
+    """
+    try:
+        yield
+    except ValueError as error:
+        translated = translate_error(error, where() if callable(where) else where, step)
+        if translated is error:
+            raise
+        raise translated from error
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def read(kv: ts.KvStore, key: str, step: int | None = None) -> bytes | None:
+    """The value of ``key``, or None when it does not exist.
+
+    On S3 and GCS a missing *bucket* also reads as None (both answer 404, the
+    same as for a missing key); writing or listing tells them apart.
+
+    Raises:
+      OSError: (a subclass, see :func:`translate_error`) when the read fails.
+    """
+    with named_errors(_lazy_url(kv, key), step):
+        result = kv.read(key).result()
+    return result.value if result.state == "value" else None
+
+
+def write(kv: ts.KvStore, key: str, value: bytes, step: int | None = None) -> None:
+    """Writes one key, atomically: readers see the old value or the new one, never a part.
+
+    Local files: tensorstore writes ``<key>.__lock``, fsyncs and renames it into
+    place; a stale lock file left by a killed writer is removed first, because
+    tensorstore reuses it without truncating it.  S3 / GCS: one PUT (an object
+    appears whole or not at all).
+
+    Raises:
+      OSError: (a subclass, see :func:`translate_error`) when the write fails.
+    """
+    path = kv_local_path(kv)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, key + LOCK_SUFFIX))
+    with named_errors(_lazy_url(kv, key), step):
+        kv.write(key, value).result()
+
+
+def list_keys(kv: ts.KvStore, prefix: str = "", step: int | None = None) -> list[str]:
+    """The keys under ``prefix`` (a plain string prefix, not only a directory), sorted.
+
+    Listing costs one request per 1000 keys on S3 and GCS.  The request asks
+    the server for exactly the key range of ``prefix``, and the answer is
+    filtered again here: the GCS emulator ignores the range and answers the
+    whole bucket (tensorstore then even crashes the process when a name is
+    shorter than the store's path), so object stores are listed from the
+    bucket's top and every key outside ``prefix`` is dropped.  The local file
+    kvstore's ``.__lock`` files are left out.
+
+    Raises:
+      OSError: (a subclass, see :func:`translate_error`) when the listing fails.
+
+    Example:
+      >>> kv = ts.KvStore.open({"driver": "memory", "path": "r/"}).result()
+      >>> for k in ["a/b", "a/b2", "a/b/c", "b"]: _ = kv.write(k, b"").result()
+      >>> list_keys(kv, "a/b/"), list_keys(kv, "a/b")
+      (['a/b/c'], ['a/b', 'a/b/c', 'a/b2'])
+    """
+    base, full = kv, prefix
+    if kv_driver(kv) in REMOTE_DRIVERS:
+        base = kv.copy()
+        base.path = ""
+        full = kv.path + prefix
+    key_range = ts.KvStore.KeyRange(full, _successor(full)) if full else ts.KvStore.KeyRange()
+    with named_errors(_lazy_url(kv, prefix), step):
+        found = base.list(key_range).result()
+    strip = len(full) - len(prefix)
+    keys = (k.decode() for k in found)
+    return sorted(k[strip:] for k in keys if k.startswith(full) and not k.endswith(LOCK_SUFFIX))
+
+
+def delete_keys(kv: ts.KvStore, keys: Iterable[str], batch: int = 256, step: int | None = None) -> int:
+    """Deletes exactly ``keys`` (missing ones are fine), ``batch`` requests in flight at a time.
+
+    One DELETE per key on S3 / GCS (tensorstore's ``write(key, None)``); never
+    a range or prefix delete.  Local files: ``unlink``, refusing a key reached
+    through a symlinked directory (it would delete outside the root).
+
+    Args:
+      kv: the store; ``keys`` are relative to its path.
+      keys: the exact keys to delete.
+      batch: deletes in flight at once.
+      step: named in error messages.
+
+    Returns:
+      How many keys were asked to be deleted.
+
+    Raises:
+      OSError: (a subclass) for the first delete that failed, after the whole batch finished.
+    """
+    keys = list(keys)
+    path = kv_local_path(kv)
+    if path is not None:
+        for key in keys:
+            _unlink_inside(path, key)
+        return len(keys)
+    for start in range(0, len(keys), batch):
+        chunk = keys[start : start + batch]
+        futures = [kv.write(key, None) for key in chunk]
+        failed = None
+        for key, future in zip(chunk, futures):
+            try:
+                future.result()
+            except ValueError as error:
+                failed = failed or (key, error)
+        if failed is not None:
+            key, error = failed
+            raise translate_error(error, _kv_url(kv, key), step) from error
+    return len(keys)
+
+
+def remove_tree(spec: dict[str, Any], kv: ts.KvStore, prefix: str, step: int | None = None) -> int:
+    """Deletes every key under the directory ``prefix`` (ending in "/"), and the directory when local.
+
+    Object stores: :func:`list_keys` then :func:`delete_keys`, so only keys
+    that were listed under ``prefix`` are deleted.  Local: a walk that never
+    follows a symlink (a symlink is unlinked, not followed) and never leaves
+    the root; a ``prefix`` reached through a symlinked directory is left alone.
+
+    Returns:
+      The number of keys (files, links) deleted.
+
+    Raises:
+      ValueError: when ``prefix`` does not end in "/" (it would match sibling keys).
+      OSError: (a subclass) when listing or deleting fails.
+    """
+    if not prefix.endswith("/"):
+        raise ValueError(f"remove_tree needs a directory prefix ending in '/', got {prefix!r}")
+    path = local_path(spec)
+    if path is None:
+        return delete_keys(kv, list_keys(kv, prefix, step=step), step=step)
+    top = os.path.join(path, prefix.rstrip("/"))
+    if not _inside(path, os.path.dirname(top)):
+        return 0
+    if os.path.islink(top) or os.path.isfile(top):
+        os.unlink(top)
+        return 1
+    if not os.path.isdir(top):
+        return 0
+    removed = 0
+    for current, dirs, files in os.walk(top, topdown=False, followlinks=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(current, d))]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(current, name))
+                removed += 1
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(current)
+    return removed
+
+
+def prune_empty_dirs(spec: dict[str, Any], prefix: str) -> None:
+    """Removes empty directories at and below ``prefix``, then its empty parents.
+
+    Local roots only (object stores have no directories).
+    """
+    path = local_path(spec)
+    if path is None:
+        return
+    top = os.path.join(path, prefix.strip("/"))
+    dirs = [current for current, _, _ in os.walk(top)][::-1]  # children before parents
+    parent = os.path.dirname(top)
+    while os.path.normpath(parent) != os.path.normpath(path) and parent.startswith(path):
+        dirs.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in dirs:
+        try:
+            os.rmdir(directory)  # fails (harmlessly) unless empty
+        except OSError:
+            pass
+
+
+def kv_driver(kv: ts.KvStore) -> str:
+    """The driver name of an open kvstore ("file", "memory", "s3", "gcs", ...)."""
+    return kv.spec().to_json()["driver"]
+
+
+def kv_local_path(kv: ts.KvStore) -> str | None:
+    """The filesystem directory of an open ``file`` kvstore, else None."""
+    return kv.path if kv_driver(kv) == "file" else None
+
+
+def _successor(prefix: str) -> str:
+    """The smallest string after every string starting with ``prefix`` (a non-empty prefix).
+
+    Example:
+      >>> _successor("step_"), _successor("a/b/")
+      ('step`', 'a/b0')
+    """
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _lazy_url(kv: ts.KvStore, key: str) -> Callable[[], str]:
+    """The URL of a key, computed only if an error message needs it."""
+    return lambda: _kv_url(kv, key)
+
+
+def _inside(root: str, directory: str) -> bool:
+    """Whether ``directory`` resolves (symlinks followed) to ``root`` or below it."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(directory)
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
+def _unlink_inside(root: str, key: str) -> None:
+    full = os.path.join(root, key)
+    expected = os.path.normpath(os.path.join(os.path.realpath(root), os.path.dirname(key)))
+    if os.path.realpath(os.path.dirname(full)) != expected:
+        raise PermissionError(errno_lib.EPERM, f"refusing to delete {full!r}: it lies behind a symlink")
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        os.unlink(full)  # a directory is not a key: left alone
 
 
 def zarr3_spec(
@@ -100,53 +660,3 @@ def zarr3_spec(
 def chunk_key(chunk_index: Sequence[int]) -> str:
     """The key of a chunk inside its zarr3 array (default key encoding)."""
     return "/".join(["c", *map(str, chunk_index)])
-
-
-def open_kvstore(spec: dict[str, Any], ctx: ts.Context | None = None) -> ts.KvStore:
-    return ts.KvStore.open(spec, context=ctx).result()
-
-
-# The file kvstore writes each key to ``<key>.__lock`` and then renames it into place.
-LOCK_SUFFIX = ".__lock"
-
-_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
-
-
-def as_os_error(error: BaseException) -> BaseException:
-    """Tensorstore reports I/O failures as ValueError; give those back as OSError (same errno)."""
-    match = _OS_ERROR_CODE.search(str(error)) if isinstance(error, ValueError) else None
-    if match is None:
-        return error
-    errno = int(match.group(1))
-    return OSError(errno, f"{os.strerror(errno)}: {error}")
-
-
-def prune_empty_dirs(spec: dict[str, Any], prefix: str) -> None:
-    """Removes empty directories at and below ``prefix``, then its empty parents.
-
-    Local roots only (object stores have no directories).
-    """
-    path = local_path(spec)
-    if path is None:
-        return
-    top = os.path.join(path, prefix.strip("/"))
-    dirs = [current for current, _, _ in os.walk(top)][::-1]  # children before parents
-    parent = os.path.dirname(top)
-    while os.path.normpath(parent) != os.path.normpath(path) and parent.startswith(path):
-        dirs.append(parent)
-        parent = os.path.dirname(parent)
-    for directory in dirs:
-        try:
-            os.rmdir(directory)  # fails (harmlessly) unless empty
-        except OSError:
-            pass
-
-
-def remove_tree(spec: dict[str, Any], kv: ts.KvStore, prefix: str) -> None:
-    """Deletes every key under ``prefix`` (a directory), and the directory itself when local."""
-    path = local_path(spec)
-    if path is not None:
-        shutil.rmtree(os.path.join(path, prefix), ignore_errors=True)
-        return
-    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    kv.delete_range(ts.KvStore.KeyRange(prefix, end)).result()
