@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jckpt import format as fmt
-from jckpt import gc, lease, multihost, place, tree
+from jckpt import gc, lease, multihost, place, storage, tree
 from jckpt import read as read_lib
 from jckpt import write as write_lib
 from jckpt.errors import (
@@ -26,7 +26,7 @@ from jckpt.errors import (
     StepTaggedError,
     TreeMismatchError,
 )
-from jckpt.root import Root, new_data_dir, os_errors
+from jckpt.root import Root, new_data_dir
 from jckpt.snapshots import Snapshot, snapshot
 from jckpt.write import SaveOptions
 
@@ -274,7 +274,7 @@ def save_snapshot(
 
     def write() -> fmt.Fragment:
         nonlocal base_manifest
-        with os_errors():
+        with storage.named_errors(root.where(data_dir), step):
             if base_step is not None and base_manifest is None:
                 base_manifest = root.read_manifest(base_step)
             return write_lib.write_fragment(root, data_dir, snap, records, options, base_manifest)
@@ -294,8 +294,7 @@ def save_snapshot(
             save_seconds=time.perf_counter() - started,
             lineage={**snap.lineage, "base_step": base_step, **(lineage or {})},
         )
-        with os_errors():
-            root.commit(manifest)
+        root.commit(manifest)
         return manifest.info()
 
     try:

@@ -29,6 +29,7 @@ import time
 from typing import Any, NamedTuple
 
 from jckpt import format as fmt
+from jckpt import storage
 from jckpt.errors import CorruptCheckpointError, RootLockedError
 from jckpt.root import Root
 
@@ -206,4 +207,4 @@ def let_go(root: Root) -> None:
 
 
 def storage_id(root: Root) -> str:
-    return f"{root.spec['driver']}:{root.spec.get('bucket', '')}:{root.spec['path']}"
+    return storage.url(root.spec)

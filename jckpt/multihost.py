@@ -327,7 +327,7 @@ def _root_id(directory: str) -> str:
         spec = storage.kvstore_spec(directory)
     except ValueError:
         return directory
-    return f"{spec['driver']}:{spec['path']}"
+    return storage.url(spec)
 
 
 def _slug(text: str) -> str:

@@ -20,7 +20,6 @@ are; the first save into one upgrades it (:meth:`Root.ensure`).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import secrets
@@ -47,53 +46,33 @@ class Root:
         if path is not None and os.path.lexists(path.rstrip("/")) and not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, f"checkpoint root {self.directory!r} is not a directory")
         self.ctx = ctx or storage.context()
-        with os_errors():
-            self.kv = ts.KvStore.open(self.spec, context=self.ctx).result()
+        with storage.named_errors(storage.url(self.spec)):
+            self.kv = storage.open_kvstore(self.spec, self.ctx)
         self._version: int | None = None
 
     def where(self, key: str) -> str:
-        """A key's location for messages."""
-        return f"{self.directory.rstrip('/')}/{key}"
+        """A key's location for messages (a path or a URL)."""
+        return storage.url(self.spec, key)
 
-    # -- raw keys -------------------------------------------------------------
+    # -- raw keys (storage's operations: exact keys, never a range; errors name the key) ---------
     def read(self, key: str) -> bytes | None:
-        with os_errors():
-            result = self.kv.read(key).result()
-        return result.value if result.state == "value" else None
+        return storage.read(self.kv, key)
 
     def write(self, key: str, value: bytes) -> None:
-        """Atomically and durably writes one key (file: temp file, fsync, rename, fsync dir).
-
-        Tensorstore's file kvstore writes ``<key>.__lock`` and renames it into
-        place, but reuses a stale lock file left by a killed writer without
-        truncating it, so its old tail would end up in the new value.  Such a
-        leftover is removed first.
-        """
-        path = storage.local_path(self.spec)
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(path, key + storage.LOCK_SUFFIX))
-        with os_errors():
-            self.kv.write(key, value).result()
+        """Atomically and durably writes one key (see ``storage.write``)."""
+        storage.write(self.kv, key, value)
 
     def delete(self, *keys: str) -> None:
-        """Deletes exactly the given keys (concurrently); missing keys are ignored."""
-        with os_errors():
-            futures = [self.kv.delete_range(ts.KvStore.KeyRange(k, k + "\x00")) for k in keys]
-            for future in futures:
-                future.result()
+        """Deletes exactly the given keys (in parallel batches); missing keys are ignored."""
+        storage.delete_keys(self.kv, keys)
 
     def remove_tree(self, prefix: str) -> None:
         """Deletes the directory ``prefix`` (ending in "/") and everything under it."""
         storage.remove_tree(self.spec, self.kv, prefix)
 
     def list(self, prefix: str = "") -> list[str]:
-        if prefix:
-            end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-            keys = self.kv.list(ts.KvStore.KeyRange(prefix, end)).result()
-        else:
-            keys = self.kv.list().result()
-        return [k.decode() for k in keys if not k.decode().endswith(storage.LOCK_SUFFIX)]
+        """The keys under ``prefix``, sorted."""
+        return storage.list_keys(self.kv, prefix)
 
     # -- the root marker ------------------------------------------------------
     def exists(self) -> bool:
@@ -238,21 +217,6 @@ class Root:
     def uncommit(self, step: int) -> None:
         """Deletes the manifest of ``step`` (the step disappears, atomically)."""
         self.delete(self.manifest_key(step))
-
-
-@contextlib.contextmanager
-def os_errors():
-    """Tensorstore's I/O errors (ValueError with an errno) re-raised as OSError with that errno.
-
-    ``OSError(errno.EACCES, ...)`` is a PermissionError, ``ENOSPC`` a plain OSError, and so on.
-    """
-    try:
-        yield
-    except Exception as e:
-        error = storage.as_os_error(e)
-        if error is e:
-            raise
-        raise error from e
 
 
 def new_data_dir(step: int) -> str:
