@@ -67,10 +67,12 @@ def nest(items: Sequence[tuple[Sequence[KeyPart], Any]]) -> Any:
     """Rebuilds nested dicts/lists from ``[(parts, value)]``.
 
     Dict keys and attribute names become dict keys; sequence indices become
-    list positions.  A tree with a single root leaf (no parts) returns it.
-    Iterative throughout, so trees of any depth rebuild (no RecursionError).
+    list positions (a top-level list or tuple comes back as a list).  A tree with a
+    single root leaf (no parts) returns it.  Iterative throughout, so trees of any
+    depth rebuild (no RecursionError).
     """
-    root = _DictNode()
+    first = next((parts for parts, _ in items if parts), None)
+    root = _ListNode() if first is not None and first[0][0] == "i" else _DictNode()
     for parts, value in items:
         if not parts:
             return value

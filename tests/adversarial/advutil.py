@@ -1,0 +1,260 @@
+"""Helpers of the adversarial suite (issue 9): states, file finders, subprocesses, the trial tally.
+
+Nothing here knows jckpt's internal modules.  Files are located generically so the
+tests hold for the version-1 layout (``step_XXXXXXXX/manifest.json``) and for a
+version-2 one (``manifests/step_XXXXXXXX.json``): a *manifest* of step N is a
+``.json`` file (not ``zarr.json``) whose path under the root names ``step_<N>``; the
+*root marker* is a ``.json`` file directly in the root; *data files* are every
+other regular file.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+WORKER = HERE / "advworker.py"
+
+# ---------------------------------------------------------------- deterministic states
+
+CHUNK_ELEMS = 4096  # float32: 16 KiB chunks
+N_CHUNKS = 8
+OPTIONS = {"chunk_bytes": CHUNK_ELEMS * 4}
+
+
+def expected_state(step: int, n_chunks: int = N_CHUNKS) -> dict:
+    """The state saved as ``step``: from ``step - 1`` to ``step`` exactly one chunk of ``big`` changes.
+
+    Chunk ``j`` of ``big`` holds the last step ``t <= step`` with ``t % n_chunks == j``
+    (or -1), so incremental saves share most chunks with their base.
+    """
+    big = np.empty(n_chunks * CHUNK_ELEMS, np.float32)
+    for j in range(n_chunks):
+        last = step - ((step - j) % n_chunks) if step >= j else -1
+        big[j * CHUNK_ELEMS : (j + 1) * CHUNK_ELEMS] = last + np.arange(CHUNK_ELEMS, dtype=np.float32) / 8192
+    return {
+        "big": big,
+        "small": [np.full(8, step * 10 + i, np.int64) for i in range(4)],
+        "rng": np.arange(6, dtype=np.uint32) * np.uint32(step + 1),
+        "step": step,
+    }
+
+
+def state_problem(restored, step: int, n_chunks: int = N_CHUNKS) -> str | None:
+    """None when ``restored`` (restored without ``like``) is bit-exact ``expected_state(step)``."""
+    want = expected_state(step, n_chunks)
+    try:
+        if restored["step"] != step or type(restored["step"]) is not int:
+            return f"step leaf is {restored['step']!r}, want {step}"
+        for name in ("big", "rng"):
+            got = np.asarray(restored[name])
+            if got.dtype != want[name].dtype or got.tobytes() != want[name].tobytes():
+                return f"leaf {name!r} differs"
+        if len(restored["small"]) != 4:
+            return "leaf 'small' has the wrong length"
+        for got, exp in zip(restored["small"], want["small"]):
+            got = np.asarray(got)
+            if got.dtype != exp.dtype or got.tobytes() != exp.tobytes():
+                return "leaf 'small' differs"
+    except Exception as e:  # a wrong tree shape is wrong data too
+        return f"wrong tree: {type(e).__name__}: {e}"
+    return None
+
+
+# ---------------------------------------------------------------- files under a root
+
+_STEP_IN_PATH = re.compile(r"step_0*(\d+)")
+
+
+def files(root) -> list[Path]:
+    """Every regular file under ``root`` (symlinks not followed), sorted."""
+    out = []
+    for current, _dirs, names in os.walk(root):
+        out.extend(Path(current, n) for n in names if os.path.isfile(os.path.join(current, n)))
+    return sorted(out)
+
+
+def manifest_files(root, step: int | None = None) -> list[Path]:
+    """The manifest file(s) of ``step`` (or of every step), located generically."""
+    root = Path(root)
+    out = []
+    for path in files(root):
+        rel = path.relative_to(root)
+        if path.suffix != ".json" or path.name == "zarr.json" or len(rel.parts) == 1:
+            continue
+        match = _STEP_IN_PATH.search(str(rel))
+        if match and (step is None or int(match.group(1)) == step):
+            out.append(path)
+    return out
+
+
+def marker_file(root) -> Path:
+    """The root marker (the only ``.json`` file directly in the root)."""
+    found = [p for p in Path(root).iterdir() if p.is_file() and p.suffix == ".json"]
+    assert len(found) == 1, f"expected one root marker in {root}, found {found}"
+    return found[0]
+
+
+def data_files(root) -> list[Path]:
+    """Chunk files: every regular file that is not JSON and not a temporary/lock file."""
+    return [
+        p for p in files(root) if p.suffix != ".json" and "lock" not in p.name and not p.name.startswith(".")
+    ]
+
+
+def data_dirs_of(root, step: int) -> list[Path]:
+    """The directories written by the save of ``step``: the topmost directories under the root
+    that hold chunk files and whose path names ``step_<step>`` (version 1: ``step_N/d<id>``)."""
+    root = Path(root)
+    out: set[Path] = set()
+    for path in data_files(root):
+        rel = path.relative_to(root)
+        match = _STEP_IN_PATH.search(str(rel.parent))
+        if not match or int(match.group(1)) != step:
+            continue
+        # the topmost ancestor below the directory holding this step's manifest
+        manifest_dirs = {m.parent for m in manifest_files(root, step)}
+        parent = path.parent
+        while parent.parent != root and parent.parent not in manifest_dirs:
+            parent = parent.parent
+        out.add(parent)
+    return sorted(out)
+
+
+def fingerprint(path) -> dict[str, tuple]:
+    """relative path -> (kind, size, sha256) of everything under ``path`` (symlinks as links)."""
+    path = Path(path)
+    out = {}
+    for current, dirs, names in os.walk(path):
+        for name in dirs + names:
+            full = Path(current, name)
+            rel = str(full.relative_to(path))
+            if full.is_symlink():
+                out[rel] = ("link", os.readlink(full), None)
+            elif full.is_dir():
+                out[rel] = ("dir", None, None)
+            else:
+                out[rel] = ("file", full.stat().st_size, hashlib.sha256(full.read_bytes()).hexdigest())
+    return out
+
+
+def flip_bit(path: Path, offset: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def json_tokens(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of every scalar token of a JSON text: keys, strings, numbers, literals."""
+    token = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null|NaN|-?Infinity')
+    out = []
+    for match in token.finditer(text):
+        end = match.end()
+        rest = text[end:].lstrip()
+        kind = "key" if rest.startswith(":") else "value"
+        out.append((match.start(), end, kind))
+    return out
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = ""  # one CPU device is enough in the children, and starts faster
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``jckpt ARGS`` as a user runs it (a real process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "jckpt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+        cwd=str(REPO),
+    )
+
+
+def start_worker(*args, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """Starts ``advworker.py ARGS`` (see that file for the roles)."""
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *map(str, args)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=str(REPO),
+    )
+
+
+def wait_for_lines(proc: subprocess.Popen, prefix: str, count: int, timeout: float = 120) -> list[str]:
+    """Reads ``proc``'s stdout until ``count`` lines starting with ``prefix`` have appeared."""
+    seen, lines = 0, []
+    deadline = time.monotonic() + timeout
+    while seen < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker did not print {count} x {prefix!r} in time: {lines[-5:]}")
+        line = proc.stdout.readline()
+        if not line:
+            err = proc.stderr.read() if proc.poll() is not None else ""
+            raise RuntimeError(f"worker exited ({proc.poll()}) before {count} x {prefix!r}: {lines[-5:]}\n{err}")
+        lines.append(line.rstrip("\n"))
+        seen += line.startswith(prefix)
+    return lines
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """SIGKILL one worker we started (by its pid) and reap it."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+def read_log(path) -> list[list[str]]:
+    """A worker's log: one record per line, fields separated by a tab."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.endswith("\n")]
+
+
+# ---------------------------------------------------------------- the tally
+
+
+class Tally:
+    """Trials and failures per scenario, printed at the end of the run (the issue's closing note).
+
+    Set ``JCKPT_ADV_REPORT=path.json`` to also write them to a file.
+    """
+
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+
+    def record(self, scenario: str, ok: bool, outcome: str = "") -> None:
+        row = self.rows.setdefault(scenario, {"trials": 0, "failures": 0, "outcomes": collections.Counter()})
+        row["trials"] += 1
+        row["failures"] += not ok
+        if outcome:
+            row["outcomes"][outcome] += 1
+
+
+TALLY = Tally()
