@@ -213,7 +213,8 @@ def wait_for_lines(proc: subprocess.Popen, prefix: str, count: int, timeout: flo
         line = proc.stdout.readline()
         if not line:
             err = proc.stderr.read() if proc.poll() is not None else ""
-            raise RuntimeError(f"worker exited ({proc.poll()}) before {count} x {prefix!r}: {lines[-5:]}\n{err}")
+            why = f"worker exited ({proc.poll()}) before {count} x {prefix!r}: {lines[-5:]}\n{err}"
+            raise RuntimeError(why)
         lines.append(line.rstrip("\n"))
         seen += line.startswith(prefix)
     return lines
