@@ -28,8 +28,8 @@ WORKER = HERE / "advworker.py"
 
 # ---------------------------------------------------------------- deterministic states
 
-CHUNK_ELEMS = 4096  # float32: 16 KiB chunks
-N_CHUNKS = 8
+CHUNK_ELEMS = 16384  # float32: 64 KiB chunks
+N_CHUNKS = 8  # "big" is 512 KiB: a chunked array of its own (leaves <= 256 KiB are packed together)
 OPTIONS = {"chunk_bytes": CHUNK_ELEMS * 4}
 
 
@@ -42,7 +42,7 @@ def expected_state(step: int, n_chunks: int = N_CHUNKS) -> dict:
     big = np.empty(n_chunks * CHUNK_ELEMS, np.float32)
     for j in range(n_chunks):
         last = step - ((step - j) % n_chunks) if step >= j else -1
-        big[j * CHUNK_ELEMS : (j + 1) * CHUNK_ELEMS] = last + np.arange(CHUNK_ELEMS, dtype=np.float32) / 8192
+        big[j * CHUNK_ELEMS : (j + 1) * CHUNK_ELEMS] = last + np.arange(CHUNK_ELEMS, dtype=np.float32) / 2**15
     return {
         "big": big,
         "small": [np.full(8, step * 10 + i, np.int64) for i in range(4)],
