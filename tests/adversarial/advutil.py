@@ -191,6 +191,33 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
+def cli(*args) -> subprocess.CompletedProcess:
+    """``jckpt ARGS`` in this process (``jckpt.cli.main``): the same code path, without a jax import.
+
+    The suite keeps a few real-process runs (``run_cli``) for what only a process shows.
+    """
+    import contextlib
+    import io
+
+    from jckpt import cli as cli_module
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_module.main([str(a) for a in args])
+        except SystemExit as e:  # --help
+            code = e.code
+    return subprocess.CompletedProcess(["jckpt", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> str:
+    """Asserts that a CLI run failed with ``code`` and exactly one line on stderr, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, f"{result.args}: exit {result.returncode}, stderr {result.stderr!r}"
+    assert len(lines) == 1 and "Traceback" not in result.stderr, f"{result.args}: {result.stderr!r}"
+    return lines[0]
+
+
 def start_worker(*args, stdout=subprocess.PIPE) -> subprocess.Popen:
     """Starts ``advworker.py ARGS`` (see that file for the roles)."""
     return subprocess.Popen(
