@@ -11,6 +11,7 @@ other regular file.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import re
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -69,6 +71,29 @@ def state_problem(restored, step: int, n_chunks: int = N_CHUNKS) -> str | None:
                 return "leaf 'small' differs"
     except Exception as e:  # a wrong tree shape is wrong data too
         return f"wrong tree: {type(e).__name__}: {e}"
+    return None
+
+
+def tree_problem(restored, expected, where: str = "") -> str | None:
+    """None when ``restored`` (restored without ``like``: dicts, lists, numpy, Python scalars) is
+    bit-exact ``expected`` (dicts, lists/tuples, numpy arrays, Python scalars); else what differs."""
+    stack = [(where or "/", restored, expected)]
+    while stack:
+        path, got, want = stack.pop()
+        if isinstance(want, dict):
+            if not isinstance(got, dict) or set(got) != set(want):
+                return f"{path}: keys differ"
+            stack.extend((f"{path}{k}/", got[k], want[k]) for k in want)
+        elif isinstance(want, (list, tuple)):
+            if not isinstance(got, list) or len(got) != len(want):
+                return f"{path}: lengths differ"
+            stack.extend((f"{path}{i}/", g, w) for i, (g, w) in enumerate(zip(got, want)))
+        elif isinstance(want, np.ndarray):
+            got = np.asarray(got)
+            if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
+                return f"{path}: array differs"
+        elif type(got) is not type(want) or got != want:
+            return f"{path}: {got!r} != {want!r}"
     return None
 
 
@@ -133,19 +158,25 @@ def data_dirs_of(root, step: int) -> list[Path]:
 
 
 def fingerprint(path) -> dict[str, tuple]:
-    """relative path -> (kind, size, sha256) of everything under ``path`` (symlinks as links)."""
+    """relative path -> (kind, size, sha256) of everything under ``path`` (symlinks as links).
+
+    Files that vanish while it walks (a writer still at work) are left out.
+    """
     path = Path(path)
     out = {}
     for current, dirs, names in os.walk(path):
         for name in dirs + names:
             full = Path(current, name)
             rel = str(full.relative_to(path))
-            if full.is_symlink():
-                out[rel] = ("link", os.readlink(full), None)
-            elif full.is_dir():
-                out[rel] = ("dir", None, None)
-            else:
-                out[rel] = ("file", full.stat().st_size, hashlib.sha256(full.read_bytes()).hexdigest())
+            try:
+                if full.is_symlink():
+                    out[rel] = ("link", os.readlink(full), None)
+                elif full.is_dir():
+                    out[rel] = ("dir", None, None)
+                else:
+                    out[rel] = ("file", full.stat().st_size, hashlib.sha256(full.read_bytes()).hexdigest())
+            except FileNotFoundError:
+                continue
     return out
 
 
@@ -263,6 +294,29 @@ def read_log(path) -> list[list[str]]:
         return []
     with open(path) as f:
         return [line.rstrip("\n").split("\t") for line in f if line.endswith("\n")]
+
+
+# ---------------------------------------------------------------- small file systems
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str = "4m"):
+    """A fresh tmpfs of ``size`` mounted at ``path`` (a new directory, inside a tmp dir) for the block.
+
+    Skips the test when mounting is not permitted (not root, no CAP_SYS_ADMIN).
+    """
+    path.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 # ---------------------------------------------------------------- the tally

@@ -5,13 +5,11 @@ outside is touched.  Scenarios record their trials in ``advutil.TALLY``; the
 counts are printed at the end of the run (and written to ``$JCKPT_ADV_REPORT``).
 """
 
-import contextlib
 import json
 import os
-import subprocess
 
 import pytest
-from advutil import TALLY
+from advutil import TALLY, tmpfs
 
 
 @pytest.fixture
@@ -36,24 +34,6 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A mount function: ``small_tmpfs(size="4m") -> path`` of a fresh tmpfs under tmp_path.
-
-    Skips the test when mounting is not permitted (not root, no CAP_SYS_ADMIN).
-    """
-    mounted = []
-
-    def mount(size: str = "4m", name: str = "tmpfs"):
-        path = tmp_path / f"{name}{len(mounted)}"
-        path.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in reversed(mounted):
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    """A 4 MiB tmpfs under tmp_path (skips where mounting is not permitted)."""
+    with tmpfs(tmp_path / "tmpfs") as path:
+        yield path
