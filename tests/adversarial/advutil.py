@@ -249,12 +249,12 @@ def one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> str:
     return lines[0]
 
 
-def start_worker(*args, stdout=subprocess.PIPE) -> subprocess.Popen:
+def start_worker(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
     """Starts ``advworker.py ARGS`` (see that file for the roles)."""
     return subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         env=child_env(),
         cwd=str(REPO),
@@ -276,6 +276,15 @@ def wait_for_lines(proc: subprocess.Popen, prefix: str, count: int, timeout: flo
         lines.append(line.rstrip("\n"))
         seen += line.startswith(prefix)
     return lines
+
+
+def wait_for_log(path, first_field: str, timeout: float = 120) -> None:
+    """Waits until the log at ``path`` has a record starting with ``first_field`` (a worker is ready)."""
+    deadline = time.monotonic() + timeout
+    while not any(r and r[0] == first_field for r in read_log(path)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {first_field!r} in {path} after {timeout} s")
+        time.sleep(0.05)
 
 
 def kill9(proc: subprocess.Popen) -> None:
@@ -337,6 +346,14 @@ class Tally:
         row["failures"] += not ok
         if outcome:
             row["outcomes"][outcome] += 1
+
+    def add(self, scenario: str, passed: int, failures: list[str]) -> None:
+        """Records ``passed`` good trials and one failed trial per entry of ``failures`` (its outcome)."""
+        for _ in range(passed):
+            self.record(scenario, True)
+        for outcome in failures:
+            self.record(scenario, False, outcome)
+        self.rows.setdefault(scenario, {"trials": 0, "failures": 0, "outcomes": collections.Counter()})
 
 
 TALLY = Tally()
