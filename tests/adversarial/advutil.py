@@ -4,8 +4,8 @@ Nothing here knows jckpt's internal modules.  Files are located generically so t
 tests hold for the version-1 layout (``step_XXXXXXXX/manifest.json``) and for a
 version-2 one (``manifests/step_XXXXXXXX.json``): a *manifest* of step N is a
 ``.json`` file (not ``zarr.json``) whose path under the root names ``step_<N>``; the
-*root marker* is a ``.json`` file directly in the root; *data files* are every
-other regular file.
+*root marker* is a ``.json`` file directly in the root; *data files* are the
+chunk files of zarr arrays (under a ``c/`` directory).
 """
 
 from __future__ import annotations
@@ -125,16 +125,21 @@ def manifest_files(root, step: int | None = None) -> list[Path]:
 
 
 def marker_file(root) -> Path:
-    """The root marker (the only ``.json`` file directly in the root)."""
+    """The root marker: ``jckpt.json``, else the only ``.json`` file directly in the root."""
+    if (Path(root) / "jckpt.json").is_file():
+        return Path(root) / "jckpt.json"
     found = [p for p in Path(root).iterdir() if p.is_file() and p.suffix == ".json"]
     assert len(found) == 1, f"expected one root marker in {root}, found {found}"
     return found[0]
 
 
 def data_files(root) -> list[Path]:
-    """Chunk files: every regular file that is not JSON and not a temporary/lock file."""
+    """Chunk files: regular files under a zarr ``c/`` directory (chunk key encoding ``c/i/j``)."""
+    root = Path(root)
     return [
-        p for p in files(root) if p.suffix != ".json" and "lock" not in p.name and not p.name.startswith(".")
+        p
+        for p in files(root)
+        if p.suffix != ".json" and "lock" not in p.name and "c" in p.relative_to(root).parts[:-1]
     ]
 
 

@@ -104,11 +104,12 @@ def _account(tally, scenario, report):
         len(report["final"]) - len(unverified),
         [problem.split(":")[0] for problem in unverified.values()],
     )
-    tally.add(
-        f"{scenario}: evaluator reads exact or NotFound",
-        report["reads"],
-        [f"{r[0]} {r[-1].split(':')[0]}" for r in bad],
-    )
+    if report["reads"] or bad:
+        tally.add(
+            f"{scenario}: evaluator reads exact or NotFound",
+            report["reads"],
+            [f"{r[0]} {r[-1].split(':')[0]}" for r in bad],
+        )
 
 
 def _assert_clean(report):

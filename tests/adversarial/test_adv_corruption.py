@@ -309,6 +309,16 @@ def test_the_cli_reports_a_garbled_root_marker_in_one_line(root):
     assert {p.name for p in manifest_files(root)} and len(manifest_files(root)) == len(STEPS), "rm/gc deleted"
 
 
+def test_a_deleted_root_marker_hides_nothing_silently(root):
+    marker_file(root).unlink()
+    before = sorted(map(str, files(root)))
+    with pytest.raises((FileNotFoundError, jckpt.CorruptCheckpointError)):
+        jckpt.restore(root)
+    with pytest.raises(OSError):  # never re-created over the steps already there
+        jckpt.save(root, expected_state(9, N_CHUNKS), step=9)
+    assert sorted(map(str, files(root))) == before
+
+
 # ------------------------------------------------------------------ chunks and array metadata
 
 

@@ -29,8 +29,6 @@ from advutil import (
 
 import jckpt
 
-pytestmark = pytest.mark.slow
-
 TRIALS = int(os.environ.get("JCKPT_ADV_KILL_TRIALS", "8"))
 
 
@@ -87,12 +85,12 @@ def _no_debris_after_gc(root):
     assert not left, f"{len(left)} chunk files survived gc and deleting every step: {left[:5]}"
 
 
-def _save_trials(tmp_path, tally, kind, scenario, seed):
+def _save_trials(tmp_path, tally, kind, scenario, seed, trials=TRIALS):
     rng = random.Random(seed)
     root = tmp_path / "root"
     saved: set[int] = set()
     failures = []
-    for trial in range(TRIALS):
+    for trial in range(trials):
         start = (jckpt.latest_step(root) or 0) + 1 if trial else 0
         proc = start_worker("save-loop", root, start, 10_000, kind, tmp_path / f"log{trial}")
         lines = _kill_after(proc, "saved", rng.randint(1, 3), rng)
@@ -104,14 +102,22 @@ def _save_trials(tmp_path, tally, kind, scenario, seed):
     _no_debris_after_gc(root)
 
 
+def test_one_sigkill_during_incremental_saves(tmp_path, tally):
+    """The default run's smoke trial (the slow tests run many)."""
+    _save_trials(tmp_path, tally, "incremental", "SIGKILL during incremental save", seed=10, trials=1)
+
+
+@pytest.mark.slow
 def test_sigkill_during_full_saves(tmp_path, tally):
     _save_trials(tmp_path, tally, "full", "SIGKILL during save", seed=11)
 
 
+@pytest.mark.slow
 def test_sigkill_during_incremental_saves(tmp_path, tally):
     _save_trials(tmp_path, tally, "mixed", "SIGKILL during incremental save", seed=12)
 
 
+@pytest.mark.slow
 def test_sigkill_during_deletes(tmp_path, tally):
     rng = random.Random(13)
     root = tmp_path / "root"
@@ -149,6 +155,7 @@ def test_sigkill_during_deletes(tmp_path, tally):
     _no_debris_after_gc(root)
 
 
+@pytest.mark.slow
 def test_sigkill_during_gc(tmp_path, tally):
     """The churn role saves a full step, deletes the previous one and runs `jckpt gc`, over and over."""
     rng = random.Random(14)
@@ -173,6 +180,7 @@ def test_sigkill_during_gc(tmp_path, tally):
     _no_debris_after_gc(root)
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_manager_saves(tmp_path, tally):
     rng = random.Random(15)
     root = tmp_path / "root"
