@@ -8,6 +8,10 @@
     jckpt diff ROOT A B           leaves whose bytes differ between two steps
     jckpt rm ROOT STEP...         delete steps (bytes other steps need survive)
     jckpt gc ROOT                 remove unreferenced and uncommitted data
+
+Every command exits 0 on success; on an error it prints one line to stderr,
+``jckpt <command>: <ErrorType>: <message>``, and exits 1 (2 for a usage error).
+``--debug`` (before or after the command) prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from tabulate import tabulate
@@ -25,6 +31,50 @@ from jckpt import format as fmt
 from jckpt import gc
 from jckpt import read as read_lib
 from jckpt.root import Root
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (raised, so ``main`` formats and returns them)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _step(text: str) -> int:
+    """A step argument: a non-negative integer."""
+    try:
+        step = int(text, 10)
+    except ValueError:
+        step = -1
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"invalid step {text!r}: steps are integers >= 0")
+    return step
+
+
+def _check_root(directory: str) -> None:
+    """Refuses, with a one-line error, a local path that is missing, a file or not a jckpt root.
+
+    (The API treats a missing root as "no checkpoints"; on the command line a
+    typo must not look like an empty root.)  Non-local roots are left to the API.
+    """
+    if "://" in directory and not directory.startswith("file://"):
+        return
+    path = directory[len("file://") :] if directory.startswith("file://") else directory
+    if not os.path.exists(path):
+        raise jckpt.CheckpointNotFoundError(f"{directory!r}: no such directory")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{directory!r} is a file, not a checkpoint root")
+    if not os.path.exists(os.path.join(path, fmt.ROOT_MARKER)):
+        what = "an empty directory" if not os.listdir(path) else f"a directory without {fmt.ROOT_MARKER}"
+        raise jckpt.CheckpointNotFoundError(f"{directory!r} is not a jckpt checkpoint root ({what})")
 
 
 def _size(nbytes: int) -> str:
@@ -36,6 +86,7 @@ def _size(nbytes: int) -> str:
 
 
 def _ls(args) -> None:
+    _check_root(args.root)
     rows = []
     for step in jckpt.all_steps(args.root):
         info = jckpt.info(args.root, step)
@@ -54,6 +105,7 @@ def _ls(args) -> None:
 
 
 def _info(args) -> None:
+    _check_root(args.root)
     root = Root(args.root)
     step = jckpt.info(args.root, args.step).step
     manifest = root.read_manifest(step)
@@ -72,10 +124,21 @@ def _info(args) -> None:
 
 
 def _verify(args) -> None:
+    _check_root(args.root)
     steps = jckpt.all_steps(args.root) if args.all else [jckpt.info(args.root, args.step).step]
+    failed = []
     for step in steps:
-        jckpt.verify(args.root, step)
-        print(f"step {step}: ok")
+        try:
+            jckpt.verify(args.root, step)
+        except Exception as e:  # report every bad step, then fail
+            if not args.all:
+                raise
+            failed.append(step)
+            print(f"step {step}: FAILED: {_one_line(e)}", flush=True)
+        else:
+            print(f"step {step}: ok", flush=True)
+    if failed:
+        raise jckpt.CorruptCheckpointError(f"{len(failed)} of {len(steps)} steps failed to verify: {failed}")
 
 
 def _leaf_fingerprints(root: Root, step: int) -> dict[str, object]:
@@ -92,6 +155,7 @@ def _leaf_fingerprints(root: Root, step: int) -> dict[str, object]:
 
 
 def _diff(args) -> None:
+    _check_root(args.root)
     root = Root(args.root)
     a, b = _leaf_fingerprints(root, args.a), _leaf_fingerprints(root, args.b)
     rows = [[path, "only in " + str(args.a if path in a else args.b)] for path in sorted(a.keys() ^ b.keys())]
@@ -100,12 +164,14 @@ def _diff(args) -> None:
 
 
 def _rm(args) -> None:
+    _check_root(args.root)
     for step in args.steps:
         jckpt.delete(args.root, step)
         print(f"deleted step {step}")
 
 
 def _gc(args) -> None:
+    _check_root(args.root)
     root = Root(args.root)
     root.check_version()
     leftovers = gc.remove_uncommitted(root)
@@ -113,32 +179,65 @@ def _gc(args) -> None:
     print(f"removed {len(leftovers)} uncommitted data directories and {files} unreferenced files")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jckpt", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _one_line(error: BaseException) -> str:
+    """``ErrorType: message`` on one line (multi-line messages joined with "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {'; '.join(lines)}" if lines else type(error).__name__
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``jckpt`` argument parser (each command sets ``run``)."""
+    top = _Parser(prog="jckpt", description=__doc__.split("\n")[0])
+    top.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name, run, help):
         sub = commands.add_parser(name, help=help)
         sub.add_argument("root", help="checkpoint root directory")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.set_defaults(run=run)
         return sub
 
     command("ls", _ls, "list committed steps")
-    command("info", _info, "describe one step").add_argument("--step", type=int)
+    command("info", _info, "describe one step").add_argument("--step", type=_step)
     verify = command("verify", _verify, "re-read and check every chunk hash")
-    verify.add_argument("--step", type=int)
-    verify.add_argument("--all", action="store_true")
+    which = verify.add_mutually_exclusive_group()
+    which.add_argument("--step", type=_step)
+    which.add_argument("--all", action="store_true")
     diff = command("diff", _diff, "leaves that differ between two steps")
-    diff.add_argument("a", type=int)
-    diff.add_argument("b", type=int)
-    command("rm", _rm, "delete steps").add_argument("steps", type=int, nargs="+")
+    diff.add_argument("a", type=_step)
+    diff.add_argument("b", type=_step)
+    command("rm", _rm, "delete steps").add_argument("steps", type=_step, nargs="+")
     command("gc", _gc, "reclaim unreferenced and uncommitted data")
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted).
+
+    Errors are printed as one line on stderr; with ``--debug`` the traceback comes first.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = parser().parse_args(argv)
+    except UsageError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"jckpt: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         args.run(args)
-    except (OSError, ValueError) as e:  # jckpt errors subclass these
-        print(f"jckpt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"jckpt {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # every error becomes one line (the traceback first with --debug)
+        if args.debug:
+            traceback.print_exc()
+        print(f"jckpt {args.command}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -67,26 +67,52 @@ def nest(items: Sequence[tuple[Sequence[KeyPart], Any]]) -> Any:
     """Rebuilds nested dicts/lists from ``[(parts, value)]``.
 
     Dict keys and attribute names become dict keys; sequence indices become
-    list positions.  A tree with a single root leaf (no parts) returns it.
+    list positions (a top-level list or tuple comes back as a list).  A tree with a
+    single root leaf (no parts) returns it.  Iterative throughout, so trees of any
+    depth rebuild (no RecursionError).
     """
-    root: dict = {}
+    first = next((parts for parts, _ in items if parts), None)
+    root = _ListNode() if first is not None and first[0][0] == "i" else _DictNode()
     for parts, value in items:
         if not parts:
             return value
         node = root
         for (_, key), (next_kind, _) in zip(parts[:-1], parts[1:]):
-            node = node.setdefault(key, _ListNode() if next_kind == "i" else {})
+            child = node.get(key)
+            if type(child) not in (_DictNode, _ListNode):
+                child = node[key] = _ListNode() if next_kind == "i" else _DictNode()
+            node = child
         node[parts[-1][1]] = value
     return _materialize(root)
+
+
+class _DictNode(dict):
+    """A dict node while nesting (told apart from leaf values that happen to be dicts)."""
 
 
 class _ListNode(dict):
     """A dict of index -> child while nesting; becomes a list at the end."""
 
 
-def _materialize(node: Any) -> Any:
-    if isinstance(node, _ListNode):
-        return [_materialize(node[i]) for i in sorted(node)]
-    if isinstance(node, dict):
-        return {k: _materialize(v) for k, v in node.items()}
-    return node
+def _materialize(root: Any) -> Any:
+    """Turns the nodes built by :func:`nest` into plain dicts and lists, children first, without recursion."""
+    nodes = (_DictNode, _ListNode)
+    if type(root) not in nodes:
+        return root
+    built: dict[int, Any] = {}  # id(node) -> its plain dict / list
+
+    def plain(value: Any) -> Any:
+        return built.pop(id(value)) if type(value) in nodes else value
+
+    stack: list[tuple[dict, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            if type(node) is _ListNode:
+                built[id(node)] = [plain(node[i]) for i in sorted(node)]
+            else:
+                built[id(node)] = {key: plain(value) for key, value in node.items()}
+            continue
+        stack.append((node, True))
+        stack.extend((child, False) for child in node.values() if type(child) in nodes)
+    return built.pop(id(root))
