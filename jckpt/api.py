@@ -310,7 +310,8 @@ def save_snapshot(
         )
     finally:
         if holder is not None:
-            lease.let_go(root)
+            with contextlib.suppress(Exception):  # never mask the save's own error; it expires anyway
+                lease.let_go(root)
 
 
 def save(

@@ -157,8 +157,9 @@ def decode_document(raw: bytes, where: str) -> dict[str, Any]:
     """Parses and checks a jckpt JSON document (any readable version).
 
     Raises:
-      CorruptCheckpointError: not JSON, not an object, or a checksum mismatch.
-      UnsupportedFormatError: not a jckpt document, or a newer version.
+      CorruptCheckpointError: not JSON, not a jckpt document, a damaged version
+        field or a checksum mismatch.
+      UnsupportedFormatError: a newer version (with an intact checksum).
     """
     try:
         doc = json.loads(raw)
@@ -166,29 +167,26 @@ def decode_document(raw: bytes, where: str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{where} is not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where} is not a JSON object")
-    check_version(doc, where)
-    if doc["version"] < 2 and "checksum" in doc:  # version 1 had none: the version field was damaged
-        raise CorruptCheckpointError(f"{where}: a version-1 document with a checksum (the file was damaged)")
-    if doc["version"] >= 2:
-        checksum = doc.pop("checksum", None)
-        expected = f"{HASH}:{xxhash.xxh3_128_hexdigest(_canonical(doc))}"
-        if checksum != expected:
-            raise CorruptCheckpointError(f"{where}: checksum mismatch (the file was damaged)")
-    return doc
-
-
-def check_version(doc: Mapping[str, Any], where: str) -> None:
-    """Raises unless ``doc`` is a jckpt document of a version this jckpt reads."""
     if doc.get("format") != FORMAT:
-        raise UnsupportedFormatError(f"{where} is not a jckpt file (format={doc.get('format')!r})")
+        raise CorruptCheckpointError(f"{where} is not a jckpt document (format={doc.get('format')!r})")
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptCheckpointError(f"{where}: invalid format version {version!r}")
-    if version > VERSION:
+    if version < 2:
+        if "checksum" in doc:  # version 1 had none: the version field was damaged
+            raise CorruptCheckpointError(f"{where}: a version-1 document with a checksum (damaged)")
+        return doc
+    checksum = doc.pop("checksum", None)
+    intact = checksum == f"{HASH}:{xxhash.xxh3_128_hexdigest(_canonical(doc))}"
+    if version > VERSION and intact:
         raise UnsupportedFormatError(
             f"{where} has format version {version}; this jckpt reads versions <= {VERSION}. "
             "Upgrade jckpt to read it."
         )
+    if not intact:
+        newer = f" (or written by a jckpt newer than format {VERSION})" if version > VERSION else ""
+        raise CorruptCheckpointError(f"{where}: checksum mismatch: the file was damaged{newer}")
+    return doc
 
 
 def root_marker() -> bytes:

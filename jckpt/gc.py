@@ -7,11 +7,12 @@ directories it reuses, see ``jckpt.lease``).  Deleting a step removes its
 manifest first (the step disappears atomically), then whatever nothing
 references, so a crash at any point loses nothing that is kept.
 
-Collectors may run beside a live writer in other processes: they list the
-keys *before* reading the manifests and the lease, so a step committed in
-between is either read (and its keys kept) or its keys were not yet listed;
-and a save's data is protected by the lease from before its first byte is
-written until its manifest is committed.
+Collectors may run beside a live writer in other processes.  They list the
+keys first, then read the lease, then the manifests.  A key listed was
+written by a save that already held the lease; if that save still holds it
+when the lease is read, its data directory (and the base it reuses) is
+spared; if it has let go, it committed before, so its manifest is read and
+its keys are referenced.
 """
 
 from __future__ import annotations
@@ -20,18 +21,28 @@ import os
 
 from jckpt import format as fmt
 from jckpt import lease, storage
-from jckpt.errors import CheckpointNotFoundError
+from jckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from jckpt.root import Root
 
 
 def _manifests(root: Root) -> list[fmt.Manifest]:
-    """The committed manifests (those deleted meanwhile by another process are skipped)."""
+    """The committed manifests (those deleted meanwhile by another process are skipped).
+
+    Raises:
+      CorruptCheckpointError: a manifest cannot be read: nothing may be collected
+        while it is unknown what that step references.
+    """
     manifests = []
     for step in root.committed_steps():
         try:
             manifests.append(root.read_manifest(step))
         except CheckpointNotFoundError:
             continue
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(
+                f"{e}; nothing is collected while a manifest cannot be read "
+                f"(remove step {step} with `jckpt rm` if it is beyond repair)"
+            ) from e
     return manifests
 
 
@@ -100,13 +111,14 @@ def remove_uncommitted(root: Root) -> list[str]:
     by_step: dict[str, list[str]] = {}
     for data_dir in _data_dirs_on_disk(root):
         by_step.setdefault(data_dir.split("/")[0], []).append(data_dir)
+    protected = _protected(root)  # after listing, before the manifests (see the module docstring)
     committed = {fmt.step_name(s) for s in root.committed_steps()}
     _remove_stale_manifest_locks(root)
     candidates = {d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs}
-    if not candidates:
+    if not candidates - protected:
         return []
     referenced = set().union(set(), *(m.data_dirs() for m in _manifests(root)))
-    removed = sorted(candidates - referenced - _protected(root))
+    removed = sorted(candidates - referenced - protected)
     for data_dir in removed:
         root.remove_tree(data_dir + "/")
         storage.prune_empty_dirs(root.spec, data_dir)
@@ -119,11 +131,11 @@ def collect(root: Root) -> int:
     Returns:
       The number of keys (files) deleted.
     """
-    keys = root.list("step_")  # first: a step committed after this is read below
+    keys = root.list("step_")  # first the keys, then the lease, then the manifests (module docstring)
+    protected = _protected(root)
     referenced = {root.manifest_key(s) for s in root.committed_steps()}  # v1 manifests live under step_*
     for manifest in _manifests(root):
         referenced |= manifest.referenced_keys()
-    protected = _protected(root)
     garbage = [k for k in keys if k not in referenced and "/".join(k.split("/")[:2]) not in protected]
     root.delete(*garbage)
     for data_dir in {"/".join(key.split("/")[:2]) for key in garbage}:
@@ -132,7 +144,12 @@ def collect(root: Root) -> int:
 
 
 def delete_step(root: Root, step: int) -> None:
-    """Uncommits ``step`` (its manifest goes first), then reclaims what it alone held."""
-    root.read_manifest(step)  # raises CheckpointNotFoundError if absent
+    """Uncommits ``step`` (its manifest goes first), then reclaims what it alone held.
+
+    A step whose manifest is damaged can be deleted too (its data is then
+    reclaimed as whatever no other manifest references).
+    """
+    if root.read(root.manifest_key(step)) is None:
+        root.read_manifest(step)  # raises CheckpointNotFoundError naming the committed steps
     root.uncommit(step)
     collect(root)

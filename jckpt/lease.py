@@ -78,7 +78,8 @@ def _alive(pid: int) -> bool:
 
 def read(root: Root) -> tuple[Lease | None, Any]:
     """The current lease (or None) and its storage generation."""
-    result = root.kv.read(KEY).result()
+    with storage.named_errors(root.where(KEY)):
+        result = root.kv.read(KEY).result()
     if result.state != "value":
         return None, result.stamp.generation
     doc = fmt.decode_document(result.value, root.where(KEY))
@@ -136,7 +137,8 @@ class Holder:
             self._thread.start()
 
     def _write(self, lease: Lease, generation: Any) -> None:
-        new = self.root.kv.write(KEY, _encode(lease), if_equal=generation).result()
+        with storage.named_errors(self.root.where(KEY)):
+            new = self.root.kv.write(KEY, _encode(lease), if_equal=generation).result()
         if not new.generation:  # someone else wrote it between our read and write
             current, _ = read(self.root)
             holder = current.describe() if current is not None else "unknown"
@@ -168,7 +170,8 @@ class Holder:
             self._thread.join()
         with self._lock:
             if self.lease is not None:
-                self.root.kv.write(KEY, None, if_equal=self._generation).result()
+                with storage.named_errors(self.root.where(KEY)):
+                    self.root.kv.write(KEY, None, if_equal=self._generation).result()
                 self.lease = None
 
 

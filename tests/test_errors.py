@@ -108,12 +108,15 @@ def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / fmt.manifest_key(0)
     manifest = json.loads(path.read_bytes())
     manifest["version"] = fmt.VERSION + 1
-    path.write_text(json.dumps(manifest))
+    path.write_bytes(fmt.encode_document(manifest))  # as a newer jckpt would write it
     with pytest.raises(jckpt.UnsupportedFormatError, match="Upgrade jckpt"):
         jckpt.restore(tmp_path)
     marker = tmp_path / fmt.ROOT_MARKER
-    marker.write_text(json.dumps({"format": "jckpt", "version": 99}))
+    marker.write_bytes(fmt.encode_document({"format": "jckpt", "version": 99}))
     with pytest.raises(ValueError, match="version 99"):
+        jckpt.latest_step(tmp_path)
+    marker.write_text(json.dumps({"format": "jckpt", "version": 99}))  # no checksum: damaged, or newer
+    with pytest.raises(jckpt.CorruptCheckpointError, match="newer than format 2"):
         jckpt.latest_step(tmp_path)
 
 

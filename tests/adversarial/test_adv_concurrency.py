@@ -123,43 +123,30 @@ def _assert_clean(report):
     assert report["reported"], "the trainer saved nothing: " + summary
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 2: a live trainer plus gc/rm loses saves that reported success"
-)
 def test_incremental_trainer_with_gc_rm_and_an_evaluator(tmp_path, tally):
     report = _mix(tmp_path, ["save-loop", 0, SAVES, "mixed"], seed=1)
     _account(tally, "trainer (save loop) + gc + rm + evaluator", report)
     _assert_clean(report)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 2: a live trainer plus gc/rm loses saves that reported success"
-)
 def test_async_manager_with_gc_rm_and_an_evaluator(tmp_path, tally):
     report = _mix(tmp_path, ["manager-loop", 0, SAVES], seed=2)
     _account(tally, "trainer (async manager) + gc + rm + evaluator", report)
     _assert_clean(report)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 defect 2: gc racing a live trainer loses reported saves")
 def test_incremental_trainer_with_gc_only(tmp_path, tally):
     report = _mix(tmp_path, ["save-loop", 0, SAVES, "incremental"], rm=False, evaluator=False)
     _account(tally, "trainer (save loop) + gc", report)
     _assert_clean(report)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 2: a reader racing a delete gets CorruptCheckpointError"
-)
 def test_readers_racing_deletes_see_exact_data_or_not_found(tmp_path, tally):
     report = _mix(tmp_path, ["save-loop", 0, SAVES, "mixed"], gc=False, seed=3)
     _account(tally, "trainer (save loop) + rm + evaluator", report)
     _assert_clean(report)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 2: a second writer silently damages the first one's saves"
-)
 def test_a_second_writer_is_refused_naming_the_holder_or_works(tmp_path, tally):
     root = tmp_path / "root"
     stop = tmp_path / "stop"

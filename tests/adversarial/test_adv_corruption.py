@@ -146,9 +146,6 @@ def _flips(data: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 3: the manifest has no checksum (flips give wrong data)"
-)
 @pytest.mark.parametrize("step", [0, 2])
 def test_a_flipped_bit_in_any_manifest_field_is_corrupt_never_wrong_data(root, tally, step):
     (manifest,) = manifest_files(root, step)
@@ -180,7 +177,7 @@ GARBAGE = {
     "what",
     [
         pytest.param(
-            name, marks=pytest.mark.xfail(strict=True, reason=f"issue 9 defect 3/7: garbage ({name})")
+            name
         )
         if name in ("json null", "json list", "json string", "json number", "empty object")
         else name
@@ -219,7 +216,6 @@ def _field_paths(doc):
     return sorted(set(out), key=str)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 defect 7: a manifest missing fields raises KeyError")
 def test_a_manifest_missing_any_field_is_corrupt(root, tally):
     (manifest,) = manifest_files(root, 2)
     doc = json.loads(manifest.read_bytes())
@@ -279,18 +275,12 @@ def _run_marker_trials(root, corruptions, tally, scenario):
     assert not failures, f"{len(failures)} of {len(corruptions)} not caught:\n" + "\n".join(failures)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defects 3/7: the root marker has no checksum; garbled -> JSONDecodeError"
-)
 def test_a_flipped_bit_in_the_root_marker_is_corrupt(root, tally):
     marker = marker_file(root)
     flips = _flips(marker.read_bytes(), random.Random(RNG_SEED))
     _run_marker_trials(root, flips, tally, "root marker: one bit flipped per field")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 7: a garbled jckpt.json raises JSONDecodeError / UnicodeDecodeError"
-)
 def test_a_garbled_root_marker_is_corrupt(root, tally):
     data = marker_file(root).read_bytes()
     corruptions = [(f"cut at {n}", data[:n]) for n in (0, 1, len(data) // 2, len(data) - 1)]

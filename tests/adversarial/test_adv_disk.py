@@ -128,7 +128,6 @@ def test_a_save_that_runs_out_of_space_commits_nothing_and_damages_nothing(sweep
         jckpt.verify(root, step)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 defect 7: ENOSPC while writing the manifest is a ValueError")
 def test_a_save_that_runs_out_of_space_raises_enospc(sweep, tally):
     kind, _, _, trials = sweep
     wrong = []
@@ -141,9 +140,6 @@ def test_a_save_that_runs_out_of_space_raises_enospc(sweep, tally):
     assert not wrong, f"{len(wrong)} of {len(_failed(trials))} failed saves:\n" + "\n".join(wrong[:5])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 defect 8: a failed save leaves its data directory / a stray chunk"
-)
 def test_a_save_that_runs_out_of_space_leaves_no_debris(sweep, tally):
     kind, _, _, trials = sweep
     littered = []
@@ -211,7 +207,7 @@ def _read_only_outcome(run) -> str:
     "op",
     [
         pytest.param(
-            "delete", marks=pytest.mark.xfail(strict=True, reason="issue 9 defect 7: bare ValueError")
+            "delete"
         ),
         "save",
     ],

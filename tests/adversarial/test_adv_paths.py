@@ -15,9 +15,6 @@ import jckpt
 ATTACKS = "symlink attacks: outside data survives"
 
 
-def _xfail(defect: int, what: str):
-    return pytest.mark.xfail(strict=True, reason=f"issue 9 defect {defect}: {what}")
-
 
 @pytest.fixture
 def setup(tmp_path):
@@ -89,7 +86,6 @@ def _step_dir_homes(root):
     return sorted(homes)
 
 
-@_xfail(1, "a symlink ROOT/step_00000005 -> elsewhere is followed: the next save empties elsewhere")
 def test_a_symlink_named_like_a_step_is_never_followed(setup, tally):
     root, outside = setup
     before = fingerprint(outside)
@@ -100,7 +96,6 @@ def test_a_symlink_named_like_a_step_is_never_followed(setup, tally):
     _committed_intact(root, [0, 1])
 
 
-@_xfail(1, "a symlinked directory inside a committed step is followed by gc: its target is emptied")
 @pytest.mark.parametrize("name", ["ddeadbeef", "elsewhere"])
 def test_a_symlinked_directory_inside_a_committed_step_is_never_followed(setup, tally, name):
     root, outside = setup
@@ -238,7 +233,6 @@ def _copy_step(root, src: int, dst: int):
         shutil.copyfile(manifest, manifest.with_name(manifest.name.replace(src_dir, dst_name)))
 
 
-@_xfail(7, "a copied step directory is listed as step 7, and gc then deletes it")
 def test_a_copied_step_is_not_taken_for_another_step(setup, tally):
     root, _ = setup
     _copy_step(root, 1, 7)
@@ -252,7 +246,8 @@ def test_a_copied_step_is_not_taken_for_another_step(setup, tally):
     else:
         outcome = "not listed"
     steps_before = jckpt.all_steps(root)
-    assert cli("gc", root).returncode == 0
+    collected = cli("gc", root)  # succeeds, or refuses naming the damaged step; never deletes data
+    assert collected.returncode == 0 or "step 7" in collected.stderr, collected.stderr
     ok = outcome != "listed and restores step 1's data as step 7" and jckpt.all_steps(root) == steps_before
     tally.record("copied step directory", ok, outcome)
     _committed_intact(root, [0, 1])
