@@ -103,6 +103,23 @@ def others(root: Root) -> Lease | None:
     return lease if lease is not None and not lease.mine() and lease.live() else None
 
 
+def _conditional_write(root: Root, value: bytes | None, generation: Any) -> bool:
+    """Writes (or deletes) the lease if it is unchanged since ``generation``; False if it changed.
+
+    A store whose generations tensorstore cannot use for conditions (the GCS
+    emulator answers generation 0) gets a plain write; the caller reads the
+    lease back to see who won.
+    """
+    with storage.named_errors(root.where(KEY)):
+        try:
+            return bool(root.kv.write(KEY, value, if_equal=generation).result().generation) or value is None
+        except ValueError as e:
+            if "Malformed StorageGeneration" not in str(e):
+                raise
+            root.kv.write(KEY, value).result()
+            return True
+
+
 class Holder:
     """This process's hold on a root's lease, renewed by a daemon thread until :meth:`release`."""
 
@@ -137,15 +154,14 @@ class Holder:
             self._thread.start()
 
     def _write(self, lease: Lease, generation: Any) -> None:
-        with storage.named_errors(self.root.where(KEY)):
-            new = self.root.kv.write(KEY, _encode(lease), if_equal=generation).result()
-        if not new.generation:  # someone else wrote it between our read and write
-            current, _ = read(self.root)
+        written = _conditional_write(self.root, _encode(lease), generation)
+        current, new_generation = read(self.root)
+        if not written or current is None or current.token != _TOKEN:  # another writer came first
             holder = current.describe() if current is not None else "unknown"
             raise RootLockedError(
                 f"{self.root.directory!r}: another writer took the lease first ({holder})", holder=current
             )
-        self.lease, self._generation = lease, new.generation
+        self.lease, self._generation = lease, new_generation
 
     def update(self, *, data_dir: str = "", pins: tuple[str, ...] = ()) -> None:
         """Records the save in flight and the data directories it reuses (renewing the lease)."""
@@ -170,8 +186,7 @@ class Holder:
             self._thread.join()
         with self._lock:
             if self.lease is not None:
-                with storage.named_errors(self.root.where(KEY)):
-                    self.root.kv.write(KEY, None, if_equal=self._generation).result()
+                _conditional_write(self.root, None, self._generation)
                 self.lease = None
 
 

@@ -529,18 +529,7 @@ def test_a_server_that_never_answers_times_out(s3_server, tmp_path):
 # -- end to end through jckpt.save / restore ------------------------------------------------
 
 
-ROOT_LISTS_AND_RANGE_DELETES = pytest.mark.xfail(
-    reason=(
-        "jckpt/layout.py (the lead's, being replaced by root.py) calls kv.list and kv.delete_range "
-        "directly: the GCS emulator ignores list ranges, so Root._is_empty sees the sibling root's keys "
-        "and Root.delete (a delete_range per key) empties the whole bucket; root.py must use "
-        "storage.list_keys / storage.delete_keys"
-    ),
-    strict=True,
-)
-
-
-@pytest.mark.parametrize("backend", ["s3", pytest.param("gcs", marks=ROOT_LISTS_AND_RANGE_DELETES)])
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
 def test_save_restore_delete_end_to_end(backend, request):
     import jax.numpy as jnp
 
