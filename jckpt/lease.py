@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 from jckpt import format as fmt
 from jckpt import storage
-from jckpt.errors import CorruptCheckpointError, RootLockedError
+from jckpt.errors import CorruptCheckpointError, RootLockedError, UnsupportedFormatError
 from jckpt.root import Root
 
 KEY = "leases/writer.json"
@@ -77,19 +77,23 @@ def _alive(pid: int) -> bool:
 
 
 def read(root: Root) -> tuple[Lease | None, Any]:
-    """The current lease (or None) and its storage generation."""
+    """The current lease (or None) and its storage generation.
+
+    A damaged lease counts as none: it binds nobody (its writer, if alive,
+    finds it replaced at its next renewal and stops).
+    """
     with storage.named_errors(root.where(KEY)):
         result = root.kv.read(KEY).result()
     if result.state != "value":
         return None, result.stamp.generation
-    doc = fmt.decode_document(result.value, root.where(KEY))
     try:
+        doc = fmt.decode_document(result.value, root.where(KEY))
         lease = Lease(
             str(doc["host"]), int(doc["pid"]), str(doc["token"]), float(doc["since"]), float(doc["expires"]),
             str(doc["data_dir"]), tuple(str(p) for p in doc["pins"]),
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpointError(f"{root.where(KEY)} is malformed: {e!r}") from e
+    except (CorruptCheckpointError, UnsupportedFormatError, KeyError, TypeError, ValueError):
+        return None, result.stamp.generation
     return lease, result.stamp.generation
 
 
@@ -110,6 +114,7 @@ def _conditional_write(root: Root, value: bytes | None, generation: Any) -> bool
     emulator answers generation 0) gets a plain write; the caller reads the
     lease back to see who won.
     """
+    storage.clear_stale_lock(root.kv, KEY)
     with storage.named_errors(root.where(KEY)):
         try:
             return bool(root.kv.write(KEY, value, if_equal=generation).result().generation) or value is None

@@ -444,12 +444,21 @@ def write(kv: ts.KvStore, key: str, value: bytes, step: int | None = None) -> No
     Raises:
       OSError: (a subclass, see :func:`translate_error`) when the write fails.
     """
-    path = kv_local_path(kv)
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, key + LOCK_SUFFIX))
+    clear_stale_lock(kv, key)
     with named_errors(_lazy_url(kv, key), step):
         kv.write(key, value).result()
+
+
+def clear_stale_lock(kv: ts.KvStore, key: str) -> None:
+    """Removes ``<key>.__lock`` of a local store before ``key`` is written.
+
+    Tensorstore's file kvstore reuses a lock file left by a killed writer
+    without truncating it, so its old tail would end up in the new value.
+    """
+    path = kv_local_path(kv)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(os.path.join(path, key + LOCK_SUFFIX))
 
 
 def list_keys(kv: ts.KvStore, prefix: str = "", step: int | None = None) -> list[str]:

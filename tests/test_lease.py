@@ -112,3 +112,21 @@ def test_a_reader_racing_a_delete_gets_not_found_never_corruption(tmp_path, monk
     with pytest.raises(jckpt.CheckpointNotFoundError, match="deleted while it was being read"):
         jckpt.restore(tmp_path, step=0)
     assert racing == [0]
+
+
+def test_a_stale_lease_lock_file_from_a_killed_writer_does_not_corrupt_the_lease(tmp_path):
+    """A writer killed while renewing leaves leases/writer.json.__lock; tensorstore would reuse its tail."""
+    jckpt.save(tmp_path, {"w": np.ones(3)}, step=0)
+    (tmp_path / (lease.KEY + ".__lock")).write_bytes(b"x" * 10_000)
+    with jckpt.CheckpointManager(tmp_path, async_save=False) as mngr:
+        mngr.save(1, {"w": np.zeros(3)})
+        held, _ = lease.read(Root(tmp_path))
+        assert held is not None and held.mine()
+    assert jckpt.all_steps(tmp_path) == [0, 1]
+
+
+def test_a_damaged_lease_binds_nobody(tmp_path):
+    jckpt.save(tmp_path, {"w": np.ones(3)}, step=0)
+    Root(tmp_path).write(lease.KEY, b'{"format": "jckpt", "vers')
+    jckpt.save(tmp_path, {"w": np.ones(3)}, step=1)
+    assert jckpt.all_steps(tmp_path) == [0, 1]

@@ -275,7 +275,8 @@ def wait_for_lines(proc: subprocess.Popen, prefix: str, count: int, timeout: flo
             raise TimeoutError(f"worker did not print {count} x {prefix!r} in time: {lines[-5:]}")
         line = proc.stdout.readline()
         if not line:
-            err = proc.stderr.read() if proc.poll() is not None else ""
+            proc.wait(timeout=60)  # stdout closed: the worker is exiting
+            err = proc.stderr.read()
             why = f"worker exited ({proc.poll()}) before {count} x {prefix!r}: {lines[-5:]}\n{err}"
             raise RuntimeError(why)
         lines.append(line.rstrip("\n"))
