@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -83,20 +84,20 @@ def plan(snap: Snapshot, options: SaveOptions) -> list[fmt.LeafRecord]:
 class _Writer:
     """Hashes chunks, skips those the base already holds, writes the rest with bounded memory.
 
-    Writes start while later arrays are still being hashed: after each array,
-    every queued array whose tensorstore open has finished gets its writes
-    issued, so hashing overlaps the I/O.
+    An array's writes are issued as soon as it is hashed, so hashing overlaps
+    the I/O of earlier arrays.  Arrays are opened with their metadata assumed
+    (no request) and their ``zarr.json`` is written as one more key: on an
+    object store a new array costs one PUT per chunk plus one.
     """
 
     def __init__(self, root: Root, data_dir: str, options: SaveOptions):
         self.root, self.data_dir, self.options = root, data_dir, options
-        self.opening: collections.deque = collections.deque()  # (open future, [(region, data)])
         self.inflight: collections.deque = collections.deque()  # (write future, nbytes)
         self.inflight_bytes = 0
         self.bytes_written = 0
 
     def add_array(self, name: str, shape, dtype: str, chunk_shape, pieces, base_chunks) -> dict:
-        """Hashes ``pieces`` ([(chunk id, global region, data)]) and queues those the base lacks.
+        """Hashes ``pieces`` ([(chunk id, global region, data)]) and writes those the base lacks.
 
         Args:
           base_chunks: {chunk name: (digest, data dir)} of the same array in the
@@ -116,30 +117,29 @@ class _Writer:
                 table[chunk] = (digest, self.data_dir)
                 writes.append((region, data))
         if writes:
-            kv = storage.join(self.root.spec, f"{self.data_dir}/{name}")
-            spec = storage.zarr3_spec(kv, shape, dtype, chunk_shape, self.options.compression)
-            self.opening.append((ts.open(spec, open=True, create=True, context=self.root.ctx), writes))
-        self._issue(wait=False)
+            self._write_array(f"{self.data_dir}/{name}", shape, dtype, chunk_shape, writes)
         return table
 
-    def _issue(self, wait: bool) -> None:
-        """Issues the writes of opened arrays (of all queued ones if ``wait``)."""
-        while self.opening and (wait or self.opening[0][0].done()):
-            opening, writes = self.opening.popleft()
-            store = opening.result()
-            for region, data in writes:
-                future = store[region].write(data, can_reference_source_data_indefinitely=True)
-                self.inflight.append((future, data.nbytes))
-                self.inflight_bytes += data.nbytes
-                self.bytes_written += data.nbytes
-                while self.inflight_bytes > self.options.max_inflight_bytes:
-                    done, nbytes = self.inflight.popleft()
-                    done.result()
-                    self.inflight_bytes -= nbytes
+    def _write_array(self, prefix: str, shape, dtype: str, chunk_shape, writes) -> None:
+        kv = storage.join(self.root.spec, prefix)
+        spec = storage.zarr3_spec(kv, shape, dtype, chunk_shape, self.options.compression)
+        store = ts.open(spec, open=True, assume_metadata=True, context=self.root.ctx).result()  # no I/O
+        metadata = json.dumps(store.spec(minimal_spec=False).to_json()["metadata"]).encode()
+        self._track(self.root.kv.write(f"{prefix}/zarr.json", metadata), 0)
+        for region, data in writes:
+            self._track(store[region].write(data, can_reference_source_data_indefinitely=True), data.nbytes)
+            self.bytes_written += data.nbytes
+
+    def _track(self, future, nbytes: int) -> None:
+        self.inflight.append((future, nbytes))
+        self.inflight_bytes += nbytes
+        while self.inflight_bytes > self.options.max_inflight_bytes:
+            done, size = self.inflight.popleft()
+            done.result()
+            self.inflight_bytes -= size
 
     def flush(self) -> None:
-        """Writes every queued chunk and waits until all are durable."""
-        self._issue(wait=True)
+        """Waits until every write is durable."""
         while self.inflight:
             self.inflight.popleft()[0].result()
         self.inflight_bytes = 0
@@ -149,12 +149,11 @@ class _Writer:
 
         So that no chunk lands in the data directory after the failed save removed it.
         """
-        for pending in (self.opening, self.inflight):
-            while pending:
-                try:
-                    pending.popleft()[0].result()
-                except Exception:
-                    pass
+        while self.inflight:
+            try:
+                self.inflight.popleft()[0].result()
+            except Exception:
+                pass
 
 
 def _shard_pieces(leaf: LeafSnapshot, chunk_shape):
