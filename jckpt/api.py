@@ -151,8 +151,15 @@ def metadata(directory: str | os.PathLike, step: int | str | None = None) -> Any
     return tree.nest([(leaf.keys, struct(leaf)) for leaf in manifest.leaves])
 
 
-def verify(directory: str | os.PathLike, step: int | str | None = None) -> fmt.CheckpointInfo:
+def verify(
+    directory: str | os.PathLike, step: int | str | None = None, *, progress: bool | None = False
+) -> fmt.CheckpointInfo:
     """Re-reads every chunk of ``step`` (default: latest) and checks its hash.
+
+    Args:
+      directory: the checkpoint root.
+      step: a step or tag name (default: the latest).
+      progress: a progress bar on stderr (None: only when stderr is a terminal).
 
     Returns:
       The step's CheckpointInfo when everything matches.
@@ -162,9 +169,17 @@ def verify(directory: str | os.PathLike, step: int | str | None = None) -> fmt.C
       CheckpointNotFoundError: no checkpoint / no such step.
     """
     root, manifest = open_step(directory, step)
-    with _deleted_meanwhile(root, manifest.step):
-        read_lib.read_to_host(root, manifest, manifest.leaves)
+    bar = _bar(f"verify step {manifest.step}", manifest, progress)
+    with _deleted_meanwhile(root, manifest.step), bar as advance:
+        read_lib.read_to_host(root, manifest, manifest.leaves, advance.advance)
     return manifest.info()
+
+
+def _bar(what: str, manifest: fmt.Manifest, enabled: bool | None):
+    """A progress bar over the bytes of ``manifest`` (see jckpt.progress)."""
+    from jckpt import progress
+
+    return progress.bar(what, manifest.bytes_total, enabled)
 
 
 @contextlib.contextmanager
@@ -372,7 +387,13 @@ def save(
     )
 
 
-def restore(directory: str | os.PathLike, like: Any = None, *, step: int | str | None = None) -> Any:
+def restore(
+    directory: str | os.PathLike,
+    like: Any = None,
+    *,
+    step: int | str | None = None,
+    progress: bool | None = False,
+) -> Any:
     """Restores a committed step (default: the latest), verifying every chunk's hash.
 
     Args:
@@ -386,6 +407,7 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | str |
         become lists), jax arrays on the default device, numpy arrays as numpy,
         Python scalars as Python scalars.
       step: the step (or tag name) to restore; None for the latest committed one.
+      progress: a progress bar on stderr (None: only when stderr is a terminal).
 
     Returns:
       The restored pytree.
@@ -424,8 +446,9 @@ def restore(directory: str | os.PathLike, like: Any = None, *, step: int | str |
         leaf is not None and leaf.storage != fmt.NONE and target.kind != "none" for leaf, target in targets
     ]
     plans = [read_lib.LeafPlan(leaf, target) for (leaf, target), w in zip(targets, wanted) if w]
-    with _deleted_meanwhile(root, manifest.step):
-        read_lib.read_plans(root, manifest, plans)
+    bar = _bar(f"restore step {manifest.step}", manifest, progress)
+    with _deleted_meanwhile(root, manifest.step), bar as advance:
+        read_lib.read_plans(root, manifest, plans, advance.advance)
     values = iter(place.finish(plans))
     results = [next(values) if w else None for w in wanted]
     if treedef is None:

@@ -97,7 +97,7 @@ def _protected(root: Root) -> set[str]:
     return set() if holder is None else {holder.data_dir, *holder.pins} - {""}
 
 
-def remove_uncommitted(root: Root) -> list[str]:
+def remove_uncommitted(root: Root, *, dry_run: bool = False) -> list[str]:
     """Deletes leftover data directories of saves that never committed.
 
     Candidates are data directories under a step without a manifest, or under
@@ -106,7 +106,7 @@ def remove_uncommitted(root: Root) -> list[str]:
     crash, no deletes) no manifest is read.
 
     Returns:
-      The data directories removed.
+      The data directories removed (with ``dry_run``: that would be removed).
     """
     by_step: dict[str, list[str]] = {}
     for data_dir in _data_dirs_on_disk(root):
@@ -119,17 +119,17 @@ def remove_uncommitted(root: Root) -> list[str]:
         return []
     referenced = set().union(set(), *(m.data_dirs() for m in _manifests(root)))
     removed = sorted(candidates - referenced - protected)
-    for data_dir in removed:
+    for data_dir in [] if dry_run else removed:
         root.remove_tree(data_dir + "/")
         storage.prune_empty_dirs(root.spec, data_dir)
     return removed
 
 
-def collect(root: Root) -> int:
+def collect(root: Root, *, dry_run: bool = False) -> list[str]:
     """Deletes every key under ``step_*`` that no committed manifest references.
 
     Returns:
-      The number of keys (files) deleted.
+      The keys (files) deleted (with ``dry_run``: that would be deleted).
     """
     keys = root.list("step_")  # first the keys, then the lease, then the manifests (module docstring)
     protected = _protected(root)
@@ -137,10 +137,21 @@ def collect(root: Root) -> int:
     for manifest in _manifests(root):
         referenced |= manifest.referenced_keys()
     garbage = [k for k in keys if k not in referenced and "/".join(k.split("/")[:2]) not in protected]
+    if dry_run:
+        return garbage
     root.delete(*garbage)
     for data_dir in {"/".join(key.split("/")[:2]) for key in garbage}:
         storage.prune_empty_dirs(root.spec, data_dir)
-    return len(garbage)
+    return garbage
+
+
+def freed_by(root: Root, steps: list[int]) -> list[str]:
+    """The data keys that deleting ``steps`` would reclaim (none another step still needs)."""
+    doomed = set(steps)
+    kept, freed = set(), set()
+    for manifest in _manifests(root):
+        (freed if manifest.step in doomed else kept).update(manifest.referenced_keys())
+    return sorted(freed - kept)
 
 
 def delete_step(root: Root, step: int) -> None:

@@ -245,11 +245,12 @@ class Reader:
     At most MAX_INFLIGHT_BYTES are read ahead of verification, across all leaves.
     """
 
-    def __init__(self, root: Root, manifest: fmt.Manifest):
+    def __init__(self, root: Root, manifest: fmt.Manifest, on_bytes: Callable[[int], None] | None = None):
         self.root, self.manifest = root, manifest
         self.step = manifest.step
         self.stores: dict[tuple[str, str], ts.Future] = {}
         self.bytes_read = 0
+        self.on_bytes = on_bytes  # called with each verified chunk's size (progress bars)
 
     def _store(self, source: str, array: str) -> ts.Future:
         key = (source, array)
@@ -281,6 +282,8 @@ class Reader:
         if hashing.chunk_hash(data) != read.digest:
             raise _corrupt(self.step, read, "hash mismatch")
         self.bytes_read += data.nbytes
+        if self.on_bytes is not None:
+            self.on_bytes(data.nbytes)
         if read.on_chunk is not None:
             read.on_chunk(data)
 
@@ -301,8 +304,13 @@ class Reader:
             self._finish(done, future)
 
 
-def read_plans(root: Root, manifest: fmt.Manifest, plans: list[LeafPlan]) -> Reader:
-    """Reads (and verifies) every chunk the plans need; returns the reader for its counters."""
+def read_plans(
+    root: Root, manifest: fmt.Manifest, plans: list[LeafPlan], on_bytes: Callable[[int], None] | None = None
+) -> Reader:
+    """Reads (and verifies) every chunk the plans need; returns the reader for its counters.
+
+    ``on_bytes`` is called with the size of each chunk once it is verified.
+    """
     ranges: dict[str, list[tuple[int, int]]] = {}
     for p in plans:
         for blob, offset, nbytes in p.blob_ranges():
@@ -311,7 +319,7 @@ def read_plans(root: Root, manifest: fmt.Manifest, plans: list[LeafPlan]) -> Rea
     for p in plans:
         if p.leaf.storage == fmt.CHUNKED:
             reads.extend(p.chunk_reads())
-    reader = Reader(root, manifest)
+    reader = Reader(root, manifest, on_bytes)
     reader.run(reads)
     for p in plans:
         if p.leaf.storage == fmt.PACKED:
@@ -319,8 +327,13 @@ def read_plans(root: Root, manifest: fmt.Manifest, plans: list[LeafPlan]) -> Rea
     return reader
 
 
-def read_to_host(root: Root, manifest: fmt.Manifest, leaves: Sequence[fmt.LeafRecord]) -> list[LeafPlan]:
+def read_to_host(
+    root: Root,
+    manifest: fmt.Manifest,
+    leaves: Sequence[fmt.LeafRecord],
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[LeafPlan]:
     """Reads and verifies whole ``leaves`` of a manifest into host memory (their stored bytes)."""
     plans = [LeafPlan(leaf, Target("numpy", None, None)) for leaf in leaves if leaf.storage != fmt.NONE]
-    read_plans(root, manifest, plans)
+    read_plans(root, manifest, plans, on_bytes)
     return plans

@@ -7,8 +7,9 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from jckpt import progress as _progress
 from jckpt.errors import UnsupportedSourceError
-from jckpt.interop import _names, _progress, _source
+from jckpt.interop import _names, _source
 from jckpt.interop import npz as npz_lib
 from jckpt.interop import orbax as orbax_lib
 from jckpt.interop import safetensors as safetensors_lib

@@ -26,8 +26,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from jckpt import progress as _progress
 from jckpt.errors import UnsupportedSourceError
-from jckpt.interop import _dtypes, _progress
+from jckpt.interop import _dtypes
 from jckpt.interop._files import atomic_file
 from jckpt.interop._spool import Spool
 

@@ -39,8 +39,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
+from jckpt import progress as _progress
 from jckpt.errors import UnsupportedLeafError, UnsupportedSourceError
-from jckpt.interop import _names, _progress
+from jckpt.interop import _names
 from jckpt.interop._files import atomic_directory
 from jckpt.interop._spool import Spool
 

@@ -28,8 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jckpt import progress as _progress
 from jckpt.errors import UnsupportedSourceError
-from jckpt.interop import _dtypes, _progress
+from jckpt.interop import _dtypes
 from jckpt.interop._files import atomic_directory
 
 SINGLE_FILE = "model.safetensors"

@@ -94,7 +94,7 @@ def test_verify_all_reports_every_bad_step_and_fails(root):
         ["rm", "ROOT", "1.5"],
         ["rm", "ROOT", "-3"],
         ["rm", "ROOT", "three"],
-        ["info", "ROOT", "--step", "x"],
+        ["info", "ROOT", "--step", "1.5"],
         ["verify", "ROOT", "--step", "0", "--all"],
         ["diff", "ROOT", "0"],
     ],

@@ -1,4 +1,7 @@
-"""A byte-counting progress bar on stderr (rich), silent when stderr is not a terminal."""
+"""A byte-counting progress bar on stderr (rich), silent when stderr is not a terminal.
+
+Used by verify, restore (``progress=``), export, import and the CLI.
+"""
 
 from __future__ import annotations
 
