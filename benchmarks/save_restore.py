@@ -486,6 +486,22 @@ def _run_phase(contender: str, scenario: str, phase: str, workdir: str) -> dict[
 
 
 def measure(contender: str, scenario: str, base: str, resume: bool) -> dict[str, Any]:
+    """``_measure``, tried twice: a failure (Orbax's async metadata write has failed under load,
+    "No ArrayMetadata found") is recorded and retried once, not allowed to end the whole run."""
+    errors = []
+    for _ in range(2):
+        try:
+            out = _measure(contender, scenario, base, resume)
+            out["failures"] = errors
+            return out
+        except RuntimeError as e:
+            errors.append(str(e)[-600:])
+            print(f"[{scenario}] {contender} failed, {'retrying' if len(errors) < 2 else 'giving up'}: "
+                  f"{str(e).strip().splitlines()[-1][:300]}", file=sys.stderr, flush=True)
+    return {"failures": errors}
+
+
+def _measure(contender: str, scenario: str, base: str, resume: bool) -> dict[str, Any]:
     """Save, warm restore and (optionally) a resume, each in a fresh process, one fresh dir."""
     workdir = tempfile.mkdtemp(prefix=f"{scenario}-{contender}-", dir=base)
     try:
@@ -548,7 +564,8 @@ PHASES = (("save", "save_s"), ("warm restore", "restore_warm_s"),
 def report(scenario: str, by_run: list[dict[str, dict]], contenders: list[str]) -> tuple[str, dict]:
     """The markdown tables of one scenario, and its summary numbers."""
     results = {c: [r[c] for r in by_run] for c in contenders}
-    first = results[contenders[0]][0]
+    first = next(r for c in contenders for r in results[c] if "state_bytes" in r)
+    failures = {c: sum(len(r.get("failures", [])) for r in results[c]) for c in contenders}
     nbytes = first["state_bytes"]
     mib = nbytes / MiB
     lines = [
@@ -576,7 +593,11 @@ def report(scenario: str, by_run: list[dict[str, dict]], contenders: list[str]) 
               "same bytes as 16 MiB files, 16 threads, fsync each / read into numpy buffers. "
               "Save RSS: jax arrays on CPU, where the snapshot aliases them; on an accelerator a "
               "save's snapshot is a full host copy of the state, so +0% holds on CPU only."]
-    summary: dict[str, Any] = {"medians": med, "state_bytes": nbytes}
+    failed = [f"{c}: {n}" for c, n in failures.items() if n]
+    if failed:
+        lines += ["", "Failed measurements (each retried once; a run whose retry failed too is left "
+                  "out of that contender's medians): " + ", ".join(failed) + "."]
+    summary: dict[str, Any] = {"medians": med, "state_bytes": nbytes, "failures": failures}
 
     def ratio(num, den, key):
         if num not in med or den not in med or med[num][key] is None or med[den][key] is None:
@@ -682,13 +703,18 @@ def main(argv: list[str] | None = None) -> int:
                 for c in order:
                     results[c] = measure(c, scenario, base, resume)
                     r = results[c]
+                    if "save_s" not in r:
+                        continue
                     print(f"[{scenario} run {run + 1}/{args.runs}] {c:8s} save {r['save_s']:.3f}s "
                           f"warm restore {r['restore_warm_s']:.3f}s resume "
                           f"{_fmt(r.get('resume_s'))}s (call {_fmt(r.get('resume_call_s'))}s) "
                           f"save extra RSS {r['save_rss_extra'] / MiB:.0f} MiB; "
                           f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
                 by_run.append(results)
-            all_runs[scenario] = by_run
+                all_runs[scenario] = by_run
+                if args.json:  # after every run, so an interrupted invocation keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"runs": all_runs}, f, indent=1)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
