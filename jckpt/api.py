@@ -276,14 +276,18 @@ def save_snapshot(
     def prepare() -> list:
         nonlocal base_manifest, holder
         root.ensure()
-        held, created = lease.hold(root)
-        holder = held if created else None
-        if step in root.committed_steps():
-            raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
         data_dir = new_data_dir(step)
-        base_manifest = _resolve_base(root, kind, base)
-        pins = tuple(sorted(base_manifest.data_dirs())) if base_manifest is not None else ()
-        held.update(data_dir=data_dir, pins=pins)
+        for _ in range(3):  # the base is pinned in the lease before it is relied on, then re-checked
+            base_manifest = _resolve_base(root, kind, base)
+            pins = tuple(sorted(base_manifest.data_dirs())) if base_manifest is not None else ()
+            held, created = lease.hold(root, data_dir=data_dir, pins=pins)
+            holder = holder or (held if created else None)
+            if base_manifest is None or root.read(root.manifest_key(base_manifest.step)) is not None:
+                break
+        else:
+            raise CheckpointNotFoundError(f"step {step}: its base steps keep being deleted by others")
+        if step in root.committed_steps():  # checked under the lease: no other writer now
+            raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
         gc.remove_uncommitted(root)
         return [data_dir, base_manifest.step if base_manifest is not None else None]
 

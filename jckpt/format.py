@@ -147,10 +147,9 @@ def _canonical(doc: Mapping[str, Any]) -> bytes:
 
 
 def encode_document(doc: Mapping[str, Any]) -> bytes:
-    """``doc`` as JSON with a ``checksum`` of its canonical encoding."""
-    body = {k: v for k, v in doc.items() if k != "checksum"}
-    checksum = f"{HASH}:{xxhash.xxh3_128_hexdigest(_canonical(body))}"
-    return _canonical({**body, "checksum": checksum})
+    """``doc`` as JSON with a ``checksum`` of its canonical encoding (appended as the last key)."""
+    body = _canonical({k: v for k, v in doc.items() if k != "checksum"})
+    return body[:-1] + b',"checksum":"' + f"{HASH}:{xxhash.xxh3_128_hexdigest(body)}".encode() + b'"}'
 
 
 def decode_document(raw: bytes, where: str) -> dict[str, Any]:

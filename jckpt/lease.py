@@ -136,8 +136,12 @@ class Holder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> None:
-        """Takes the lease, or renews it if this process holds it.
+    def acquire(self, *, data_dir: str = "", pins: tuple[str, ...] = ()) -> None:
+        """Takes the lease, or renews it if this process holds it, recording the save in flight.
+
+        Args:
+          data_dir: the data directory of the save about to write ("" between saves).
+          pins: the data directories that save reuses (its base's).
 
         Raises:
           RootLockedError: another live writer holds it (names host, pid, since).
@@ -152,7 +156,8 @@ class Holder:
                     holder=current,
                 )
             since = current.since if current is not None and current.mine() else now
-            lease = Lease(socket.gethostname(), os.getpid(), _TOKEN, since, now + self.ttl, "", ())
+            host, pid = socket.gethostname(), os.getpid()
+            lease = Lease(host, pid, _TOKEN, since, now + self.ttl, data_dir, tuple(pins))
             self._write(lease, generation)
         if self._thread is None:
             self._thread = threading.Thread(target=self._renew_loop, name="jckpt-lease", daemon=True)
@@ -167,13 +172,6 @@ class Holder:
                 f"{self.root.directory!r}: another writer took the lease first ({holder})", holder=current
             )
         self.lease, self._generation = lease, new_generation
-
-    def update(self, *, data_dir: str = "", pins: tuple[str, ...] = ()) -> None:
-        """Records the save in flight and the data directories it reuses (renewing the lease)."""
-        with self._lock:
-            assert self.lease is not None
-            lease = self.lease._replace(expires=time.time() + self.ttl, data_dir=data_dir, pins=tuple(pins))
-            self._write(lease, self._generation)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -199,8 +197,10 @@ _held: dict[str, Holder] = {}  # root location -> this process's holder (a manag
 _held_lock = threading.Lock()
 
 
-def hold(root: Root, ttl: float = DEFAULT_TTL_SECONDS) -> tuple[Holder, bool]:
-    """This process's holder of ``root``'s lease, acquired (or renewed) now.
+def hold(
+    root: Root, ttl: float = DEFAULT_TTL_SECONDS, *, data_dir: str = "", pins: tuple[str, ...] = ()
+) -> tuple[Holder, bool]:
+    """This process's holder of ``root``'s lease, acquired (or renewed) now, naming the save in flight.
 
     Returns:
       The holder and whether this call created it (then the caller releases it).
@@ -212,7 +212,7 @@ def hold(root: Root, ttl: float = DEFAULT_TTL_SECONDS) -> tuple[Holder, bool]:
         if created:
             holder = _held[key] = Holder(root, ttl)
     try:
-        holder.acquire()
+        holder.acquire(data_dir=data_dir, pins=pins)
     except BaseException:
         if created:
             with _held_lock:

@@ -126,6 +126,8 @@ def _start_copies(leaves: list) -> dict[tuple, Any]:
       leaves stay alive in the caller's list, so their ids are stable).
     """
     started: dict[tuple, Any] = {}
+    if jax.default_backend() == "cpu":
+        return started  # host memory already: nothing to copy ahead
     for leaf in leaves:
         if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
             continue
@@ -164,18 +166,19 @@ def _jax_leaf(path, parts, array: jax.Array, copy: bool, primary: bool, started:
         array = jax.random.key_data(array)
     dtype = np.dtype(array.dtype)
     shape = tuple(array.shape)
-    indices = array.sharding.devices_indices_map(shape)
-    starts = [[chunking.normalize(i, shape)[d].start for d in range(len(shape))] for i in indices.values()]
-    steps = tuple(chunking.grid_steps(shape, starts))
     storage = _storage(dtype, shape)
     whole = array.is_fully_addressable or array.is_fully_replicated
     if storage == fmt.PACKED and whole:  # small and held whole: process 0 writes it
+        steps = shape  # no chunk grid
         shards = []
         if primary:
             source = array if array.is_fully_addressable else array.addressable_shards[0].data
             host = np.array(source) if copy else np.asarray(source)
             shards = [Shard(_whole(shape), _to_stored(host, dtype))]
     else:
+        indices = array.sharding.devices_indices_map(shape)
+        starts = [[r.start for r in chunking.normalize(i, shape)] for i in indices.values()]
+        steps = tuple(chunking.grid_steps(shape, starts))
         shards = []
         for s in _owned(array):
             host = np.asarray(started.pop((leaf_id, _index(s.index, shape)), s.data))
