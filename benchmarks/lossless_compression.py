@@ -14,7 +14,11 @@ with each codec (``SaveOptions(compression=...)``; --codecs) and reports:
   way; speed = uncompressed bytes ÷ (time with the codec − time without), the
   difference taken within each repetition, median over repetitions.
 
-Run:  python benchmarks/lossless_compression.py --steps 300 --runs 5
+It also prints, per dtype, the bound of any byte-grouping coder without context modelling:
+the order-0 entropy of each byte plane, per leaf (ZipNN's method: group the bytes of each
+position, entropy-code each group).
+
+Run:  python benchmarks/lossless_compression.py --steps 300 --runs 5 --codecs zstd,blosc,bytegroup
 """
 
 from __future__ import annotations
@@ -145,6 +149,22 @@ def _speed(x: float | None) -> str:
     return "   (<res)" if x is None else f"{x / 1e6:9.0f}"
 
 
+def byte_planes(tree) -> tuple[list[float], float]:
+    """Bits per byte of each byte plane (order-0 entropy, per leaf, little-endian), and the ratio bound."""
+    floats = [np.asarray(a) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
+    size = floats[0].dtype.itemsize
+    bits = [0.0] * size
+    total = 0
+    for a in floats:
+        planes = a.reshape(-1).view(np.uint8).reshape(-1, size)
+        for i in range(size):
+            p = np.bincount(planes[:, i], minlength=256) / len(planes)
+            bits[i] += -(p[p > 0] * np.log2(p[p > 0])).sum() * len(planes)
+        total += len(planes)
+    bits = [b / total for b in bits]
+    return bits, 8 * size / sum(bits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -184,16 +204,20 @@ def main() -> None:
     print(f"median (min-max) of {args.runs} repetitions, codecs interleaved; {os.cpu_count()} CPUs, "
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
           f"MB/s/core: one pinned CPU, tmpfs, 1 MB = 1e6 bytes of uncompressed data")
+    for dtype, state in states.items():
+        bits, bound = byte_planes(state)
+        print(f"{dtype}: byte planes (low to high) {', '.join(f'{b:.2f}' for b in bits)} bits/byte; "
+              f"byte-grouping order-0 bound {bound:.3f}x")
     header = ("dtype", "codec", "ratio", "save s", "x none", "restore s", "x none",
               "comp MB/s/core", "decomp MB/s/core")
-    print("{:9s} {:7s} {:>6s} {:>20s} {:>6s} {:>20s} {:>6s} {:>15s} {:>17s}".format(*header))
+    print("{:9s} {:9s} {:>6s} {:>20s} {:>6s} {:>20s} {:>6s} {:>15s} {:>17s}".format(*header))
     for dtype, rows in results.items():
         base = rows[None]
         for codec, row in rows.items():
             sv, rs = row["save"], row["restore"]
             comp, decomp = speeds[dtype].get(str(codec), (None, None)) if codec else (None, None)
             print(
-                f"{dtype:9s} {str(codec):7s} {row['ratio']:6.3f} "
+                f"{dtype:9s} {str(codec):9s} {row['ratio']:6.3f} "
                 f"{med(sv):8.4f} ({min(sv):.3f}-{max(sv):.3f}) {med(sv) / med(base['save']):6.2f} "
                 f"{med(rs):8.4f} ({min(rs):.3f}-{max(rs):.3f}) {med(rs) / med(base['restore']):6.2f} "
                 f"{_speed(comp) if codec else '':>15s} {_speed(decomp) if codec else '':>17s}"

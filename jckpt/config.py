@@ -17,7 +17,7 @@ and a ``jckpt.SaveOptions``::
       handle_preemption: false # save and stop on SIGTERM / SIGINT
       incremental: false       # write only changed chunks ...
       full_every: 10           # ... with every full_every-th save full
-      compression: null        # null, zstd or blosc
+      compression: null        # null, zstd, blosc or bytegroup
 
 Reading YAML files and command-line overrides is not jckpt's job: the
 examples use ``examples/configlib.py`` (a small dataclass loader); any loader
@@ -111,7 +111,7 @@ class CheckpointConfig:
       incremental: write only the chunks that changed since the previous
         save; every ``full_every``-th save is full.
       full_every: the period of full saves when ``incremental`` is on, >= 1.
-      compression: None, ``zstd`` or ``blosc`` (lossless).
+      compression: None, ``zstd``, ``blosc`` or ``bytegroup`` (lossless).
     """
 
     directory: str = "checkpoints"

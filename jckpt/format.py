@@ -333,7 +333,7 @@ class Manifest(NamedTuple):
       step, kind, base_step, metrics, metadata, bytes_written, bytes_total,
       created, save_seconds: as in :class:`CheckpointInfo`.
       data_dir: the data directory this save wrote (``step_<N>/d<id>``).
-      compression: the chunk codec (None, "zstd", "blosc").
+      compression: the chunk codec (None, "zstd", "blosc", "bytegroup").
       leaves: every leaf, in tree order.
       blobs: blob id -> BlobRecord, for every blob a packed piece lives in.
       version: the format version it was read as (written as :data:`VERSION`).

@@ -34,7 +34,7 @@ class SaveOptions:
 
     Attributes:
       chunk_bytes: target chunk size (>= 64 bytes); chunks never straddle shards.
-      compression: None, "zstd" or "blosc" (tensorstore codecs, lossless).
+      compression: None, "zstd", "blosc" or "bytegroup" (tensorstore codecs, lossless).
       max_inflight_bytes: bound on bytes handed to tensorstore and not yet durable.
 
     Raises:
