@@ -21,6 +21,7 @@ object stores alike.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
@@ -34,6 +35,7 @@ from jckpt.errors import CorruptCheckpointError, RootLockedError, UnsupportedFor
 from jckpt.root import Root
 
 KEY = "leases/writer.json"
+LOCK_FILE = "writer.lock"  # beside KEY on local roots: flocked while the lease is read and replaced
 DEFAULT_TTL_SECONDS = 120.0
 _TOKEN = secrets.token_hex(8)  # this process's identity (pids are reused)
 
@@ -76,25 +78,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read_raw(root: Root) -> tuple[bytes | None, Any]:
+    """The lease's bytes (None if absent) and what a conditional write compares against.
+
+    Local roots: the bytes themselves (compared under an flock, see
+    :func:`_conditional_write`).  Object stores: the storage generation.
+    """
+    path = storage.local_path(root.spec)
+    if path is not None:
+        try:
+            with open(os.path.join(path, KEY), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = None
+        return raw, raw
+    with storage.named_errors(root.where(KEY)):
+        result = root.kv.read(KEY).result()
+    return (result.value if result.state == "value" else None), result.stamp.generation
+
+
 def read(root: Root) -> tuple[Lease | None, Any]:
-    """The current lease (or None) and its storage generation.
+    """The current lease (or None) and what a conditional write of it compares against.
 
     A damaged lease counts as none: it binds nobody (its writer, if alive,
     finds it replaced at its next renewal and stops).
     """
-    with storage.named_errors(root.where(KEY)):
-        result = root.kv.read(KEY).result()
-    if result.state != "value":
-        return None, result.stamp.generation
+    raw, generation = _read_raw(root)
+    if raw is None:
+        return None, generation
     try:
-        doc = fmt.decode_document(result.value, root.where(KEY))
+        doc = fmt.decode_document(raw, root.where(KEY))
         lease = Lease(
             str(doc["host"]), int(doc["pid"]), str(doc["token"]), float(doc["since"]), float(doc["expires"]),
             str(doc["data_dir"]), tuple(str(p) for p in doc["pins"]),
         )
     except (CorruptCheckpointError, UnsupportedFormatError, KeyError, TypeError, ValueError):
-        return None, result.stamp.generation
-    return lease, result.stamp.generation
+        return None, generation
+    return lease, generation
 
 
 def _encode(lease: Lease) -> bytes:
@@ -110,11 +130,16 @@ def others(root: Root) -> Lease | None:
 def _conditional_write(root: Root, value: bytes | None, generation: Any) -> bool:
     """Writes (or deletes) the lease if it is unchanged since ``generation``; False if it changed.
 
-    A store whose generations tensorstore cannot use for conditions (the GCS
-    emulator answers generation 0) gets a plain write; the caller reads the
-    lease back to see who won.
+    Local roots: under an exclusive ``flock`` of ``leases/writer.lock`` (a file
+    never replaced), compare the bytes, then write a uniquely named temporary
+    file, fsync it and rename it into place.  Object stores: tensorstore's
+    conditional write on the object's generation; a store whose generations
+    cannot be used for conditions (the GCS emulator answers generation 0)
+    gets a plain write, and the caller reads the lease back to see who won.
     """
-    storage.clear_stale_lock(root.kv, KEY)
+    path = storage.local_path(root.spec)
+    if path is not None:
+        return _local_conditional_write(os.path.join(path, KEY), value, generation)
     with storage.named_errors(root.where(KEY)):
         try:
             return bool(root.kv.write(KEY, value, if_equal=generation).result().generation) or value is None
@@ -123,6 +148,41 @@ def _conditional_write(root: Root, value: bytes | None, generation: Any) -> bool
                 raise
             root.kv.write(KEY, value).result()
             return True
+
+
+def _local_conditional_write(target: str, value: bytes | None, expected: bytes | None) -> bool:
+    directory = os.path.dirname(target)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, LOCK_FILE), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            for name in os.listdir(directory):  # temporaries are only made under the flock: stale
+                if name.endswith(".tmp"):
+                    os.unlink(os.path.join(directory, name))
+            try:
+                with open(target, "rb") as f:
+                    current = f.read()
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                return False
+            if value is None:
+                os.unlink(target)
+                return True
+            temporary = f"{target}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            with open(temporary, "wb") as f:
+                f.write(value)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, target)
+            descriptor = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            return True
+    except FileNotFoundError:  # deleted meanwhile (unlink of an absent lease)
+        return value is None
 
 
 class Holder:
