@@ -183,6 +183,7 @@ def flaky_root(request, monkeypatch):
         yield root, proxy
 
 
+@pytest.mark.slow
 def test_through_a_faulty_network_saves_succeed_or_fail_cleanly_and_restores_are_exact(flaky_root):
     root, proxy = flaky_root
     proxy.configure(fail_rate=0.10, fail_status=503, drop_rate=0.05)

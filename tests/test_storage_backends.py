@@ -293,6 +293,7 @@ def test_remove_tree_deletes_only_under_the_directory(location):
         storage.remove_tree(spec, kv, "a/b")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("location", BACKENDS, indirect=True)
 def test_many_deletes_in_parallel_batches(location):
     _, kv = open_store(location)
@@ -386,6 +387,7 @@ def proxied(request, monkeypatch):
         yield root, proxy, server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_transient_failures_and_resets_are_retried_and_data_is_exact(proxied, status):
     root, proxy, _ = proxied
