@@ -117,6 +117,7 @@ class LeafPlan:
         self.whole = tuple(slice(0, n) for n in self.shape)
         self.regions = self._regions()
         self.buffers: dict[tuple, np.ndarray] = {}  # region_key -> host data (stored dtype)
+        self._pieces: list | None = None
 
     def _regions(self) -> list[chunking.Region]:
         sharding = self.target.sharding
@@ -144,14 +145,18 @@ class LeafPlan:
         return data if logical == self.stored else data.view(logical)
 
     def _needed_pieces(self) -> list[tuple[fmt.Piece, list[tuple[chunking.Region, chunking.Region]]]]:
-        """Each piece overlapping a target region, with its (target, overlap) pairs."""
-        out = []
-        for piece in self.leaf.pieces:
-            region = _region(piece.region)
-            overlaps = [(t, o) for t in self.regions if (o := chunking.intersect(t, region)) is not None]
-            if overlaps and piece.nbytes:
-                out.append((piece, overlaps))
-        return out
+        """Each piece overlapping a target region, with its (target, overlap) pairs (computed once)."""
+        if self._pieces is None:
+            self._pieces = []
+            for piece in self.leaf.pieces:
+                region = _region(piece.region)
+                if region == self.whole and self.regions == [self.whole]:  # the common case: one piece
+                    overlaps = [(region, region)]
+                else:
+                    overlaps = [(t, o) for t in self.regions if (o := chunking.intersect(t, region))]
+                if overlaps and piece.nbytes:
+                    self._pieces.append((piece, overlaps))
+        return self._pieces
 
     def blob_ranges(self) -> list[tuple[str, int, int]]:
         """The (blob id, offset, nbytes) byte ranges this leaf needs from packed blobs."""
