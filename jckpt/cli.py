@@ -298,10 +298,13 @@ def _gc(args) -> None:
     from jckpt import gc
     from jckpt.root import Root
 
+    from jckpt import progress
+
     root = Root(args.root)
     root.check_version()
-    leftovers = gc.remove_uncommitted(root, dry_run=args.dry_run)
-    files = gc.collect(root, dry_run=args.dry_run)
+    with progress.bar("gc: listing and reading manifests", None):  # a spinner, on a terminal only
+        leftovers = gc.remove_uncommitted(root, dry_run=args.dry_run)
+        files = gc.collect(root, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(leftovers)} uncommitted data directories and {len(files)} unreferenced files")
 

@@ -200,3 +200,31 @@ def test_through_a_faulty_network_saves_succeed_or_fail_cleanly_and_restores_are
     for step, state in committed.items():
         assert_trees_equal(jckpt.restore(root, step=step, like=state), state)
     assert proxy.injected["fail"] + proxy.injected["drop"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_processes_save_to_a_bucket_and_one_restores_on_another_mesh(backend, request, tmp_path):
+    from test_multihost import run  # real jax.distributed processes (gloo on 127.0.0.1)
+
+    root = request.getfixturevalue(f"{backend}_root")
+    saved = run("save", 2, tmp_path / "g2", dir=root, step=4, mesh=[2, 2])
+    assert [r["info"]["step"] for r in saved] == [4, 4]
+    manifest = Root(root).read_manifest(4)
+    assert sorted(blob.name for blob in manifest.blobs.values()) == ["packed-p0", "packed-p1"]  # each wrote
+    one = run("restore", 1, tmp_path / "g1", dir=root, step=4, targets=[[[2, 1], "t"]])
+    assert one[0]["checked"]["[2, 1]t"] > 0
+    jckpt.verify(root, 4)
+
+
+def test_export_from_a_bucket_streams_to_safetensors(bucket_root, tmp_path):
+    from safetensors.numpy import load_file
+
+    state = _state(3)
+    jckpt.save(bucket_root, state, step=3)
+    jckpt.tag(bucket_root, 3, "prod")
+    exported = jckpt.export(bucket_root, tmp_path / "hf", step="prod")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.step == 3
+    np.testing.assert_array_equal(tensors["w"], state["w"])
+    np.testing.assert_array_equal(tensors["small.2"], state["small"][2])
