@@ -295,10 +295,8 @@ def _rm(args) -> None:
 
 def _gc(args) -> None:
     _check_root(args.root)
-    from jckpt import gc
+    from jckpt import gc, progress
     from jckpt.root import Root
-
-    from jckpt import progress
 
     root = Root(args.root)
     root.check_version()
