@@ -676,7 +676,3 @@ def zarr3_spec(
         },
     }
 
-
-def chunk_key(chunk_index: Sequence[int]) -> str:
-    """The key of a chunk inside its zarr3 array (default key encoding)."""
-    return "/".join(["c", *map(str, chunk_index)])
