@@ -302,7 +302,11 @@ def save_snapshot(
             raise CheckpointNotFoundError(f"step {step}: its base steps keep being deleted by others")
         if step in root.committed_steps():  # checked under the lease: no other writer now
             raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
-        gc.remove_uncommitted(root)
+        abandoned, held.abandoned = held.abandoned, ""
+        if storage.local_path(root.spec) is not None:
+            gc.remove_uncommitted(root)  # a directory scan: cheap locally
+        elif abandoned:  # object stores: no listing of every key; the dead writer's lease names it
+            gc.remove_abandoned(root, abandoned)
         return [data_dir, base_manifest.step if base_manifest is not None else None]
 
     def write() -> fmt.Fragment:

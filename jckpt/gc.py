@@ -125,6 +125,23 @@ def remove_uncommitted(root: Root, *, dry_run: bool = False) -> list[str]:
     return removed
 
 
+def remove_abandoned(root: Root, data_dir: str) -> bool:
+    """Removes the data directory of a save whose writer died, unless a committed manifest references it.
+
+    A writer that takes over a dead writer's lease learns that save's data
+    directory from it: on an object store this replaces listing every key of
+    the root at each save.
+
+    Returns:
+      Whether it was removed.
+    """
+    if not data_dir or any(data_dir in m.data_dirs() for m in _manifests(root)):
+        return False
+    root.remove_tree(data_dir + "/")
+    storage.prune_empty_dirs(root.spec, data_dir)
+    return True
+
+
 def collect(root: Root, *, dry_run: bool = False) -> list[str]:
     """Deletes every key under ``step_*`` that no committed manifest references.
 

@@ -127,27 +127,32 @@ def others(root: Root) -> Lease | None:
     return lease if lease is not None and not lease.mine() and lease.live() else None
 
 
-def _conditional_write(root: Root, value: bytes | None, generation: Any) -> bool:
-    """Writes (or deletes) the lease if it is unchanged since ``generation``; False if it changed.
+def _conditional_write(root: Root, value: bytes | None, generation: Any) -> tuple[bool, Any]:
+    """Writes (or deletes) the lease if it is unchanged since ``generation``.
 
     Local roots: under an exclusive ``flock`` of ``leases/writer.lock`` (a file
     never replaced), compare the bytes, then write a uniquely named temporary
     file, fsync it and rename it into place.  Object stores: tensorstore's
     conditional write on the object's generation; a store whose generations
     cannot be used for conditions (the GCS emulator answers generation 0)
-    gets a plain write, and the caller reads the lease back to see who won.
+    gets a plain write.
+
+    Returns:
+      (written, the new generation), the generation None where the caller must
+      read the lease back to see who won (the unconditional fallback).
     """
     path = storage.local_path(root.spec)
     if path is not None:
-        return _local_conditional_write(os.path.join(path, KEY), value, generation)
+        return _local_conditional_write(os.path.join(path, KEY), value, generation), value
     with storage.named_errors(root.where(KEY)):
         try:
-            return bool(root.kv.write(KEY, value, if_equal=generation).result().generation) or value is None
+            new = root.kv.write(KEY, value, if_equal=generation).result().generation
+            return (bool(new) or value is None), new
         except ValueError as e:
             if "Malformed StorageGeneration" not in str(e):
                 raise
             root.kv.write(KEY, value).result()
-            return True
+            return True, None
 
 
 def _local_conditional_write(target: str, value: bytes | None, expected: bytes | None) -> bool:
@@ -191,6 +196,7 @@ class Holder:
     def __init__(self, root: Root, ttl: float = DEFAULT_TTL_SECONDS):
         self.root, self.ttl = root, ttl
         self.lease: Lease | None = None
+        self.abandoned = ""  # the data directory of a save whose writer died (taken over from its lease)
         self._generation: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -215,6 +221,8 @@ class Holder:
                     "one writer per root: stop it, or wait for its lease to expire",
                     holder=current,
                 )
+            if current is not None and not current.mine() and current.data_dir:
+                self.abandoned = current.data_dir  # the save in flight of a writer that is gone
             since = current.since if current is not None and current.mine() else now
             host, pid = socket.gethostname(), os.getpid()
             lease = Lease(host, pid, _TOKEN, since, now + self.ttl, data_dir, tuple(pins))
@@ -224,8 +232,11 @@ class Holder:
             self._thread.start()
 
     def _write(self, lease: Lease, generation: Any) -> None:
-        written = _conditional_write(self.root, _encode(lease), generation)
-        current, new_generation = read(self.root)
+        written, new_generation = _conditional_write(self.root, _encode(lease), generation)
+        if written and new_generation is not None:
+            self.lease, self._generation = lease, new_generation
+            return
+        current, new_generation = read(self.root)  # lost the race, or a store that cannot condition writes
         if not written or current is None or current.token != _TOKEN:  # another writer came first
             holder = current.describe() if current is not None else "unknown"
             raise RootLockedError(

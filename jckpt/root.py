@@ -76,7 +76,12 @@ class Root:
 
     # -- the root marker ------------------------------------------------------
     def exists(self) -> bool:
-        return self.read(fmt.ROOT_MARKER) is not None
+        """Whether the root marker exists (read once: its version is kept, see :attr:`version`)."""
+        raw = self.read(fmt.ROOT_MARKER)
+        if raw is None:
+            return False
+        self._version = fmt.read_root_marker(raw, self.where(fmt.ROOT_MARKER))
+        return True
 
     @property
     def version(self) -> int:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from servers import gcs_root, gcs_server, s3_root, s3_server, server_logs  # noqa: F401  (fixtures)
 
 import jckpt
-from jckpt import cli, storage
+from jckpt import cli, gc, storage
 from jckpt import format as fmt
 from jckpt import policy as Pol
 from jckpt.root import Root
@@ -166,7 +166,8 @@ def test_sigkill_during_saves_to_a_bucket_never_loses_or_exposes_a_step(backend,
         for step in steps:
             restored = jckpt.restore(root, step=step)
             assert restored["step"] == step and (restored["w"] == step).all()
-    jckpt.save(root, {"w": np.ones(3)}, step=10_000)  # the next writer takes over at once
+    jckpt.save(root, {"w": np.ones(3)}, step=10_000)  # the next writer takes over at once ...
+    assert gc.collect(Root(root), dry_run=True) == []  # ... and removed the killed save's data
     assert cli.main(["gc", root]) == 0
     for step in jckpt.all_steps(root):
         jckpt.verify(root, step)
