@@ -229,3 +229,25 @@ def test_export_from_a_bucket_streams_to_safetensors(bucket_root, tmp_path):
     assert exported.step == 3
     np.testing.assert_array_equal(tensors["w"], state["w"])
     np.testing.assert_array_equal(tensors["small.2"], state["small"][2])
+
+
+@pytest.fixture
+def counted_s3_root(s3_root, s3_server, monkeypatch):
+    """An s3 root reached through a proxy that counts every request (no faults)."""
+    with FaultProxy(s3_server.url, seed=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield s3_root, proxy
+
+
+def test_requests_per_save(counted_s3_root):
+    """Issue 8's targets: <= 10 requests to save 2,000 small leaves; about one per chunk for large leaves."""
+    root, proxy = counted_s3_root
+    small = {f"g{g}": {f"l{i}": np.full(256, g * 50 + i, np.float32) for i in range(50)} for g in range(40)}
+    jckpt.save(root, small, step=0)
+    proxy.reset_counts()
+    jckpt.save(root, small, step=1)
+    assert proxy.total <= 10, dict(proxy.counts)
+    options = jckpt.SaveOptions(chunk_bytes=2**20)
+    proxy.reset_counts()
+    jckpt.save(root, {"w": np.ones((64, 2**18), np.float32)}, step=2, options=options)  # 64 chunks of 1 MiB
+    assert proxy.counts["PUT"] <= 64 + 3 and proxy.total <= 64 + 10, dict(proxy.counts)
