@@ -232,11 +232,12 @@ def test_export_from_a_bucket_streams_to_safetensors(bucket_root, tmp_path):
 
 
 @pytest.fixture
-def counted_s3_root(s3_root, s3_server, monkeypatch):
+def counted_s3_root(request, monkeypatch):
     """An s3 root reached through a proxy that counts every request (no faults)."""
-    with FaultProxy(s3_server.url, seed=0) as proxy:
+    root, server = request.getfixturevalue("s3_root"), request.getfixturevalue("s3_server")
+    with FaultProxy(server.url, seed=0) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        yield s3_root, proxy
+        yield root, proxy
 
 
 def test_requests_per_save(counted_s3_root):
