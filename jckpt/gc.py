@@ -92,9 +92,15 @@ def _remove_stale_manifest_locks(root: Root) -> None:
 
 
 def _protected(root: Root) -> set[str]:
-    """Data directories another live writer is using (its save in flight, its base)."""
-    holder = lease.others(root)
-    return set() if holder is None else {holder.data_dir, *holder.pins} - {""}
+    """Data directories a live writer is using: its save in flight and the data directories it reuses.
+
+    This process's own lease counts too: a save removes leftovers after pinning
+    its base, and a base deleted by another process in between must survive.
+    """
+    held, _ = lease.read(root)
+    if held is None or not (held.mine() or held.live()):
+        return set()
+    return {held.data_dir, *held.pins} - {""}
 
 
 def remove_uncommitted(root: Root, *, dry_run: bool = False) -> list[str]:

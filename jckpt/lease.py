@@ -121,12 +121,6 @@ def _encode(lease: Lease) -> bytes:
     return fmt.encode_document({"format": fmt.FORMAT, "version": fmt.VERSION, **lease._asdict()})
 
 
-def others(root: Root) -> Lease | None:
-    """The live lease of another process, if any (what collectors must respect)."""
-    lease, _ = read(root)
-    return lease if lease is not None and not lease.mine() and lease.live() else None
-
-
 def _conditional_write(root: Root, value: bytes | None, generation: Any) -> tuple[bool, Any]:
     """Writes (or deletes) the lease if it is unchanged since ``generation``.
 

@@ -130,3 +130,23 @@ def test_a_damaged_lease_binds_nobody(tmp_path):
     Root(tmp_path).write(lease.KEY, b'{"format": "jckpt", "vers')
     jckpt.save(tmp_path, {"w": np.ones(3)}, step=1)
     assert jckpt.all_steps(tmp_path) == [0, 1]
+
+
+def test_a_base_deleted_while_a_save_cleans_up_survives_for_that_save(tmp_path, monkeypatch):
+    """Regression (found by the adversarial trainer + rm trials): `rm BASE` landing between a save's
+    base check and its removal of leftovers made the save delete the very chunks it reuses."""
+    big = np.arange(300_000, dtype=np.float32)
+    jckpt.save(tmp_path, {"big": big, "step": 0}, step=0)
+    real = gc.remove_uncommitted
+
+    def base_deleted_first(root, **kwargs):
+        Root(tmp_path).uncommit(0)  # another process's `jckpt rm 0`, before its collection
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(gc, "remove_uncommitted", base_deleted_first)
+    info = jckpt.save(tmp_path, {"big": big, "step": 1}, step=1, kind="incremental")
+    assert info.base_step == 0 and info.bytes_written < big.nbytes  # it reuses step 0's chunks
+    monkeypatch.setattr(gc, "remove_uncommitted", real)
+    assert jckpt.all_steps(tmp_path) == [1]
+    np.testing.assert_array_equal(jckpt.restore(tmp_path)["big"], big)
+    jckpt.verify(tmp_path)
