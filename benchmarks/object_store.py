@@ -9,11 +9,20 @@ Method
 ------
 * Servers: one ``moto_server`` (S3) and one ``gcp-storage-emulator`` (GCS JSON
   API, in memory), started here on free ports of 127.0.0.1 and stopped at the
-  end; no traffic leaves 127.0.0.1.  The emulator is started through a small
-  launcher that answers ``Expect: 100-continue`` (it otherwise never does, and
-  curl -- inside tensorstore -- then waits 1 s before sending every body over
-  1 MiB: ~80 s for a 768 MiB save, the same stall for every contender).
-  Nothing else of the emulator is changed.
+  end; no traffic leaves 127.0.0.1 (``LOOPBACK_ONLY_ENV`` keeps the Google
+  clients off the metadata server).  The emulator runs through a small launcher
+  that fixes two artifacts of Python's ``http.server`` under it, and its bucket
+  has soft delete off (retention 0, a setting GCS has too):
+
+  - it answers ``Expect: 100-continue``: otherwise curl (inside tensorstore)
+    waits 1 s before sending every body over 1 MiB (~80 s for a 768 MiB save);
+  - its listen backlog is 256, not 5: with 5, concurrent connections overflow
+    it and each dropped SYN costs a 1 s retransmit (jckpt's 768 MiB save took
+    4.3-9.8 s instead of ~2.3, the raw path 2.7 instead of ~2.0);
+  - soft delete would keep every deleted object, and the emulator rewrites the
+    metadata of all objects on every write: each run would slow the next ones.
+
+  The emulator still serves one request at a time.
 * States (built by ``benchmarks/save_restore.py``): (a) the ~768 MiB train
   state, params + Adam mu/nu, 194 float32 leaves; (b) 2,000 leaves of 1 KiB.
 * S3 contenders, each writing the same bytes into its own prefix of one bucket:
@@ -568,12 +577,24 @@ def counting_proxy(upstream: str):
                 self.server.proxy.log.append((self.command, self.path))
             super()._handle()
 
+        def _reply(self, status: int, *rest, **kwargs) -> None:
+            with self.server.proxy._lock:
+                self.server.proxy.statuses[status] += 1
+            super()._reply(status, *rest, **kwargs)
+
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
 
     proxy = FaultProxy(upstream, max_connections=128)
-    proxy.log = []
+    proxy.log, proxy.statuses = [], collections.Counter()
     proxy._server.RequestHandlerClass = Recorder
+    proxy._server.handle_error = lambda *_: None  # a client that hung up: its request is counted already
     return proxy
+
+
+def _reset(proxy) -> None:
+    proxy.reset_counts()
+    proxy.log.clear()
+    proxy.statuses.clear()
 
 
 def _key_kind(key: str) -> str:
@@ -624,7 +645,7 @@ def classify(method: str, path: str, bucket: str, prefix: str) -> tuple[str, str
     return _key_kind(key[len(base) :]), operation
 
 
-def breakdown(log: list[tuple[str, str]], url: str) -> dict[str, Any]:
+def breakdown(log: list[tuple[str, str]], url: str, statuses: dict[int, int]) -> dict[str, Any]:
     bucket, prefix = _split(url)
     by_kind: dict[str, collections.Counter] = {}
     methods: collections.Counter = collections.Counter()
@@ -634,6 +655,7 @@ def breakdown(log: list[tuple[str, str]], url: str) -> dict[str, Any]:
         methods[method] += 1
     return {
         "total": len(log),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "by_method": dict(methods),
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
         "chunks_written": by_kind.get("chunk", {}).get("PUT", 0) + by_kind.get("chunk", {}).get("write", 0),
@@ -647,7 +669,8 @@ def _format_counts(label: str, counts: dict[str, Any], per: str = "") -> list[st
         for kind, ops in counts["by_kind"].items()
     )
     methods = " ".join(f"{m}:{n}" for m, n in sorted(counts["by_method"].items()))
-    lines = [f"{label}: {counts['total']} requests ({methods})", f"    by kind: {kinds}"]
+    statuses = " ".join(f"{code}:{n}" for code, n in counts["statuses"].items())
+    lines = [f"{label}: {counts['total']} requests ({methods}; answers {statuses})", f"    by kind: {kinds}"]
     if per:
         lines.append(f"    {per}")
     return lines
@@ -675,10 +698,9 @@ def _count_scenario(proxy, results: dict[str, Any], scenario: str, bucket: str, 
     import jckpt
 
     def counted(label: str, url: str, action, *action_args, **kwargs) -> None:
-        proxy.reset_counts()
-        proxy.log.clear()
+        _reset(proxy)
         action(*action_args, **kwargs)
-        counts = breakdown(list(proxy.log), url)
+        counts = breakdown(list(proxy.log), url, dict(proxy.statuses))
         assert counts["total"] == proxy.total, (counts["total"], proxy.total)
         results[label] = counts
 
@@ -712,8 +734,7 @@ def count_gcs_requests(server_url: str, bucket: str, args, contenders: list[str]
                     if contender != "jckpt" and scenario not in args.gcs_scenarios:
                         continue  # Orbax: only where it is timed too (see --gcs-scenarios)
                     url = f"gs://{bucket}/requests-{scenario}-{contender}"
-                    proxy.reset_counts()
-                    proxy.log.clear()
+                    _reset(proxy)
                     job = {"contender": contender, "scenario": scenario, "url": url, "count_save": True}
                     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
                     env = {**os.environ, "TENSORSTORE_GCS_HTTP_URL": proxy.url}
@@ -725,7 +746,7 @@ def count_gcs_requests(server_url: str, bucket: str, args, contenders: list[str]
                         last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
                         results[label] = {"failed": last[:300]}
                         continue
-                    results[label] = breakdown(list(proxy.log), url)
+                    results[label] = breakdown(list(proxy.log), url, dict(proxy.statuses))
                     with contextlib.suppress(Exception):
                         empty_prefix(url)
         finally:
@@ -788,6 +809,7 @@ def parse_request(self):  # answer "Expect: 100-continue" (HTTP/1.0 handlers nev
 
 
 server.RequestHandler.parse_request = parse_request
+server.server.HTTPServer.request_queue_size = 256  # listen backlog (http.server's default: 5)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -802,6 +824,24 @@ def start_gcs_emulator(log_dir: str):
     url = f"http://{servers.HOST}:{port}"
     log = os.path.join(log_dir, f"gcs-{port}.log")
     return servers._start("gcs", command, url, "/storage/v1/b", log, dict(os.environ), 60.0)
+
+
+def _disable_soft_delete(url: str, bucket: str) -> None:
+    """Turns soft delete off (retention 0, as on GCS), so deleted objects are really gone.
+
+    The emulator enables it by default (7 days, like GCS) and keeps every deleted
+    object, and it rewrites the metadata of all objects, deleted ones included, on
+    every write: later runs would get slower and slower.
+    """
+    import urllib.request
+
+    body = json.dumps({"softDeletePolicy": {"retentionDurationSeconds": "0"}}).encode()
+    headers = {"Content-Type": "application/json"}
+    target = f"{url}/storage/v1/b/{bucket}"
+    request = urllib.request.Request(target, data=body, method="PATCH", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        reply = json.loads(response.read())
+    assert reply["softDeletePolicy"]["retentionDurationSeconds"] == "0", reply
 
 
 def _set_up_contenders(backend: str, contenders: list[str], args, bucket: str, endpoint) -> dict[str, Any]:
@@ -851,6 +891,7 @@ def run_gcs(args, logs: str, out: dict[str, Any]) -> None:
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url  # for Orbax; jckpt sets it itself
         bucket = servers.new_bucket_name("bench")
         server.create_bucket(bucket)
+        _disable_soft_delete(server.url, bucket)
         if args.runs and args.gcs_contenders:
             warm = _set_up_contenders("gcs", args.gcs_contenders, args, bucket, server.url)
             for scenario in args.gcs_scenarios:
