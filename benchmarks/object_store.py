@@ -17,8 +17,8 @@ Method
   - it answers ``Expect: 100-continue``: otherwise curl (inside tensorstore)
     waits 1 s before sending every body over 1 MiB (~80 s for a 768 MiB save);
   - its listen backlog is 256, not 5: with 5, concurrent connections overflow
-    it and each dropped SYN costs a 1 s retransmit (jckpt's 768 MiB save took
-    4.3-9.8 s instead of ~2.3, the raw path 2.7 instead of ~2.0);
+    it and each dropped SYN costs a 1 s retransmit (measured: jckpt's 768 MiB
+    save 4.3-9.8 s instead of 2.2-2.5 s, the raw path 2.4-2.8 s instead of 2.0-2.1);
   - soft delete would keep every deleted object, and the emulator rewrites the
     metadata of all objects on every write: each run would slow the next ones.
 
