@@ -122,13 +122,30 @@ def remove_uncommitted(root: Root, *, dry_run: bool = False) -> list[str]:
     _remove_stale_manifest_locks(root)
     candidates = {d for step, dirs in by_step.items() if step not in committed or len(dirs) > 1 for d in dirs}
     if not candidates - protected:
+        if not dry_run:
+            _remove_empty_step_dirs(root, committed)
         return []
     referenced = set().union(set(), *(m.data_dirs() for m in _manifests(root)))
     removed = sorted(candidates - referenced - protected)
     for data_dir in [] if dry_run else removed:
         root.remove_tree(data_dir + "/")
         storage.prune_empty_dirs(root.spec, data_dir)
+    if not dry_run:
+        _remove_empty_step_dirs(root, committed)
     return removed
+
+
+def _remove_empty_step_dirs(root: Root, committed: set[str]) -> None:
+    """Removes empty ``step_*`` directories of uncommitted steps (a save killed right after its mkdir)."""
+    path = storage.local_path(root.spec)
+    if path is None:
+        return
+    for entry in _local_step_dirs(path):
+        if entry.name not in committed:
+            try:
+                os.rmdir(entry.path)  # fails, harmlessly, unless empty
+            except OSError:
+                pass
 
 
 def remove_abandoned(root: Root, data_dir: str) -> bool:

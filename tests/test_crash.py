@@ -22,7 +22,8 @@ CHILD = textwrap.dedent(
 
     root, start = sys.argv[1], int(sys.argv[2])
     for step in range(start, start + 1000):
-        state = {"big": np.full((1024, 2048), step, np.float32),          # 8 MiB, one chunk
+        state = {"big": np.full((2048, 4096), step, np.float32),          # 32 MiB: saves long enough
+                                                                          # for the kills to land in them
                  "many": [np.full(100, step + i) for i in range(50)],      # packed
                  "step": step}
         print("saving", step, flush=True)

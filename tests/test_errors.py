@@ -198,3 +198,11 @@ def test_an_unparsable_manifest_is_corruption(tmp_path):
         f.write(b"}9}")
     with pytest.raises(jckpt.CorruptCheckpointError, match="step 0: manifest .* not valid JSON"):
         jckpt.restore(tmp_path)
+
+
+def test_an_empty_step_directory_left_by_a_killed_save_is_removed(tmp_path):
+    jckpt.save(tmp_path, _state(), step=0)
+    (tmp_path / fmt.step_name(7)).mkdir()  # killed right after creating its step directory
+    jckpt.save(tmp_path, _state(), step=1)
+    assert not (tmp_path / fmt.step_name(7)).exists()
+    assert (tmp_path / fmt.step_name(0)).exists() and jckpt.all_steps(tmp_path) == [0, 1]
