@@ -184,8 +184,8 @@ def verify(
     """
     root, manifest = open_step(directory, step)
     bar = _bar(f"verify step {manifest.step}", manifest, progress)
-    with _deleted_meanwhile(root, manifest.step), bar as advance:
-        read_lib.read_to_host(root, manifest, manifest.leaves, advance.advance)
+    with _deleted_meanwhile(root, manifest.step), bar as shown:
+        read_lib.read_to_host(root, manifest, manifest.leaves, shown.advance)
     return manifest.info()
 
 
@@ -475,8 +475,8 @@ def _restore(directory, like, step, progress) -> Any:
     ]
     plans = [read_lib.LeafPlan(leaf, target) for (leaf, target), w in zip(targets, wanted) if w]
     bar = _bar(f"restore step {manifest.step}", manifest, progress)
-    with _deleted_meanwhile(root, manifest.step), bar as advance:
-        read_lib.read_plans(root, manifest, plans, advance.advance)
+    with _deleted_meanwhile(root, manifest.step), bar as shown:
+        read_lib.read_plans(root, manifest, plans, shown.advance)
     values = iter(place.finish(plans))
     results = [next(values) if w else None for w in wanted]
     if treedef is None:
