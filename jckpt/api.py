@@ -330,6 +330,7 @@ def save_snapshot(
             created=time.time() if created is None else created,
             save_seconds=time.perf_counter() - started,
             lineage={**snap.lineage, "base_step": base_step, **(lineage or {})},
+            base_codecs=base_manifest.codecs if base_manifest is not None else None,
         )
         root.commit(manifest)
         return manifest.info()

@@ -6,7 +6,14 @@ only this module knows their JSON, and it validates what it reads, so a
 damaged document is a :class:`CorruptCheckpointError` naming the step and the
 file, never a ``KeyError`` or wrong data.
 
-Version 2 (written now) against version 1 (still read):
+Version 3 (written now) adds to version 2 a manifest field ``codecs``: the
+chunk codec of every data directory the manifest reads from, so a reader opens
+each array with its metadata taken from the manifest (no request) and a writer
+on an object store skips the per-array ``zarr.json`` (one request per chunk).
+Version-2 manifests (no ``codecs``) are still read: their arrays' ``zarr.json``
+are opened, as are those of any data directory ``codecs`` does not name.
+
+Version 2 against version 1 (both still read):
 
 * every JSON document (manifests, the root marker) carries an ``xxh3_128``
   checksum of its canonical encoding;
@@ -36,7 +43,7 @@ import xxhash
 from jckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT = "jckpt"
-VERSION = 2
+VERSION = 3
 HASH = "xxh3_128"
 
 ROOT_MARKER = "jckpt.json"
@@ -90,7 +97,7 @@ def step_name(step: int) -> str:
 
 
 def manifest_key(step: int) -> str:
-    """The key of a step's (version 2) manifest under the root."""
+    """The key of a step's manifest under the root (version 2 and later)."""
     return f"{MANIFESTS}/{step_name(step)}.json"
 
 
@@ -333,9 +340,12 @@ class Manifest(NamedTuple):
       step, kind, base_step, metrics, metadata, bytes_written, bytes_total,
       created, save_seconds: as in :class:`CheckpointInfo`.
       data_dir: the data directory this save wrote (``step_<N>/d<id>``).
-      compression: the chunk codec (None, "zstd", "blosc", "bytegroup").
+      compression: the chunk codec of this save (None, "zstd", "blosc", "bytegroup").
       leaves: every leaf, in tree order.
       blobs: blob id -> BlobRecord, for every blob a packed piece lives in.
+      codecs: data directory -> chunk codec, for the directories whose arrays
+        are opened without reading their ``zarr.json`` (version 3; empty in older
+        manifests, whose arrays all have one).
       version: the format version it was read as (written as :data:`VERSION`).
     """
 
@@ -353,6 +363,7 @@ class Manifest(NamedTuple):
     leaves: tuple[LeafRecord, ...]
     blobs: dict[str, BlobRecord]
     lineage: dict | None = None
+    codecs: dict[str, str | None] = {}
     version: int = VERSION
 
     def info(self) -> CheckpointInfo:
@@ -390,12 +401,13 @@ class Manifest(NamedTuple):
                 "lineage": self.lineage,
                 "leaves": [_leaf_to_json(leaf) for leaf in self.leaves],
                 "blobs": {k: _blob_to_json(b) for k, b in self.blobs.items()},
+                "codecs": self.codecs,
             }
         )
 
     @classmethod
     def from_json(cls, raw: bytes, *, step: int, where: str) -> Manifest:
-        """Parses and validates a manifest of version 1 or 2.
+        """Parses and validates a manifest of version 1, 2 or 3.
 
         Raises:
           CorruptCheckpointError: damaged (bad JSON, checksum, missing or mistyped
@@ -478,9 +490,10 @@ class Fragment(NamedTuple):
         )
 
 
-def plan_digest(leaves: Iterable[LeafRecord]) -> str:
-    """A digest of planned leaves (no chunks or pieces yet), compared across processes."""
-    return xxhash.xxh3_64_hexdigest(_canonical({"leaves": [_leaf_to_json(leaf) for leaf in leaves]}))
+def plan_digest(leaves: Iterable[LeafRecord], compression: str | None = None) -> str:
+    """A digest of planned leaves (no chunks or pieces yet) and their codec, compared across processes."""
+    doc = {"leaves": [_leaf_to_json(leaf) for leaf in leaves], "compression": compression}
+    return xxhash.xxh3_64_hexdigest(_canonical(doc))
 
 
 def info_to_json(info: CheckpointInfo) -> dict[str, Any]:
@@ -659,5 +672,6 @@ def _manifest_from_doc(doc: Mapping[str, Any]) -> Manifest:
         leaves=leaves,
         blobs=blobs,
         lineage=_opt_dict(doc.get("lineage")) if version == 1 else _opt_dict(doc["lineage"]),
+        codecs={_str(k): _opt_str(v) for k, v in doc["codecs"].items()} if version >= 3 else {},
         version=version,
     )

@@ -256,12 +256,30 @@ class Reader:
         self.stores: dict[tuple[str, str], ts.Future] = {}
         self.bytes_read = 0
         self.on_bytes = on_bytes  # called with each verified chunk's size (progress bars)
+        self.layouts = {}  # (data directory, array) -> (shape, dtype, chunk shape), as written there
+        for leaf in manifest.chunked_leaves():  # chunks are reused only between equal layouts
+            for _, source in leaf.chunks.values():
+                self.layouts[(source, leaf.array)] = (leaf.shape, leaf.stored_dtype, leaf.chunk_shape)
+        for blob in manifest.blobs.values():
+            for _, source in blob.chunks.values():
+                self.layouts[(source, blob.name)] = ([blob.nbytes], "uint8", [blob.chunk_bytes])
 
     def _store(self, source: str, array: str) -> ts.Future:
+        """Opens one array of a data directory: with the manifest's metadata where it names the
+        directory's codec (no request), else by reading the array's ``zarr.json``."""
         key = (source, array)
         if key not in self.stores:
             kv = storage.join(self.root.spec, f"{source}/{array}")
-            self.stores[key] = ts.open({"driver": "zarr3", "kvstore": kv}, open=True, context=self.root.ctx)
+            if source in self.manifest.codecs:
+                shape, dtype, chunk_shape = self.layouts[key]
+                try:
+                    spec = storage.zarr3_spec(kv, shape, dtype, chunk_shape, self.manifest.codecs[source])
+                except ValueError as e:
+                    raise CorruptCheckpointError(f"step {self.step}: the codec of {source}: {e}") from e
+                self.stores[key] = ts.open(spec, open=True, assume_metadata=True, context=self.root.ctx)
+            else:
+                spec = {"driver": "zarr3", "kvstore": kv}
+                self.stores[key] = ts.open(spec, open=True, context=self.root.ctx)
         return self.stores[key]
 
     def _start(self, read: _ChunkRead) -> tuple[ts.Future, int]:

@@ -107,7 +107,7 @@ class Root:
         """Makes this a root of the current version, ready for a save.
 
         Creates the marker in an empty or new directory (refusing a non-empty
-        one that is not a jckpt root) and upgrades a version-1 root.
+        one that is not a jckpt root) and upgrades a root of an older version.
         """
         if self.exists():
             if self.version < fmt.VERSION:
@@ -122,13 +122,15 @@ class Root:
         self._version = fmt.VERSION
 
     def _upgrade(self) -> None:
-        """Rewrites a version-1 root's manifests as version 2, then its marker.
+        """Upgrades an older root to the current version: its marker, after its manifests' keys.
 
-        Idempotent: a crash before the marker is rewritten leaves a version-1
-        root that the next save upgrades again; the old manifests left by a
+        Version-2 manifests are read as they are (they lack only ``codecs``);
+        a version-1 root's manifests are first rewritten under ``manifests/``.
+        Idempotent: a crash before the marker is rewritten leaves an old root
+        that the next save upgrades again; the version-1 manifests left by a
         crash after it are unreferenced and collected by ``jckpt gc``.
         """
-        steps = self.committed_steps()
+        steps = self.committed_steps() if self.version == 1 else []
         for step in steps:
             self.write(fmt.manifest_key(step), self.read_manifest(step).to_json())
         self.write(fmt.ROOT_MARKER, fmt.root_marker())

@@ -86,12 +86,14 @@ class _Writer:
 
     An array's writes are issued as soon as it is hashed, so hashing overlaps
     the I/O of earlier arrays.  Arrays are opened with their metadata assumed
-    (no request) and their ``zarr.json`` is written as one more key: on an
-    object store a new array costs one PUT per chunk plus one.
+    (no request); readers take it from the manifest (its ``codecs``).  In a
+    local directory each array's ``zarr.json`` is written too, so that plain
+    tensorstore opens it; on an object store it is not: one PUT per chunk.
     """
 
     def __init__(self, root: Root, data_dir: str, options: SaveOptions):
         self.root, self.data_dir, self.options = root, data_dir, options
+        self.self_describing = storage.local_path(root.spec) is not None
         self.inflight: collections.deque = collections.deque()  # (write future, nbytes)
         self.inflight_bytes = 0
         self.bytes_written = 0
@@ -124,8 +126,9 @@ class _Writer:
         kv = storage.join(self.root.spec, prefix)
         spec = storage.zarr3_spec(kv, shape, dtype, chunk_shape, self.options.compression)
         store = ts.open(spec, open=True, assume_metadata=True, context=self.root.ctx).result()  # no I/O
-        metadata = json.dumps(store.spec(minimal_spec=False).to_json()["metadata"]).encode()
-        self._track(self.root.kv.write(f"{prefix}/zarr.json", metadata), 0)
+        if self.self_describing:
+            metadata = json.dumps(store.spec(minimal_spec=False).to_json()["metadata"]).encode()
+            self._track(self.root.kv.write(f"{prefix}/zarr.json", metadata), 0)
         for region, data in writes:
             self._track(store[region].write(data, can_reference_source_data_indefinitely=True), data.nbytes)
             self.bytes_written += data.nbytes
@@ -278,7 +281,8 @@ def _write(
     if size:
         blobs[blob_id] = _write_blob(writer, blob_name, _pack(parts, size), options.chunk_bytes)
     writer.flush()
-    return fmt.Fragment(fmt.plan_digest(records), chunks, pieces, blobs, writer.bytes_written)
+    plan_digest = fmt.plan_digest(records, options.compression)
+    return fmt.Fragment(plan_digest, chunks, pieces, blobs, writer.bytes_written)
 
 
 def check_fragments(step: int, fragments: list[fmt.Fragment]) -> None:
@@ -296,7 +300,8 @@ def check_fragments(step: int, fragments: list[fmt.Fragment]) -> None:
     if differ:
         raise TreeMismatchError(
             f"step {step}: process(es) {differ} saved a different tree than process 0 (leaf paths, "
-            "shapes, dtypes or shardings differ); every process must save the same global state"
+            "shapes, dtypes or shardings differ, or SaveOptions.compression); every process must save "
+            "the same global state with the same options"
         )
     seen: dict[tuple[str, str], tuple[str, int]] = {}
     for process, fragment in enumerate(fragments):
@@ -325,8 +330,13 @@ def assemble(
     created: float,
     save_seconds: float,
     lineage: dict | None = None,
+    base_codecs: dict[str, str | None] | None = None,
 ) -> fmt.Manifest:
-    """Merges per-process fragments into the step's manifest."""
+    """Merges per-process fragments into the step's manifest.
+
+    ``base_codecs`` is the base manifest's ``codecs``: the codecs of the data
+    directories whose chunks this save reuses.
+    """
     chunks: dict[str, dict] = {}
     pieces: dict[str, list[fmt.Piece]] = {}
     blobs: dict[str, fmt.BlobRecord] = {}
@@ -342,7 +352,7 @@ def assemble(
         else record
         for record in records
     )
-    return fmt.Manifest(
+    manifest = fmt.Manifest(
         step=step,
         kind="incremental" if base_step is not None else "full",
         base_step=base_step,
@@ -358,3 +368,5 @@ def assemble(
         blobs=blobs,
         lineage=lineage,
     )
+    codecs = {d: c for d, c in (base_codecs or {}).items() if d in manifest.data_dirs()}
+    return manifest._replace(codecs={**codecs, data_dir: options.compression})

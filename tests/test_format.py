@@ -12,6 +12,7 @@ from helpers import assert_trees_equal
 
 import jckpt
 from jckpt import format as fmt
+from jckpt import write as write_lib
 from jckpt.root import Root
 
 
@@ -77,14 +78,45 @@ def test_manifest_records_hash_and_holder_of_every_chunk(tmp_path):
         options=jckpt.SaveOptions(chunk_bytes=128 * 1024),
     )
     raw = json.loads((tmp_path / fmt.manifest_key(0)).read_bytes())
-    assert (raw["format"], raw["version"], raw["hash"]) == ("jckpt", 2, "xxh3_128")
+    assert (raw["format"], raw["version"], raw["hash"]) == ("jckpt", 3, "xxh3_128")
     assert raw["checksum"].startswith("xxh3_128:")
-    (leaf,) = Root(tmp_path).read_manifest(0).leaves
+    manifest = Root(tmp_path).read_manifest(0)
+    assert manifest.codecs == {manifest.data_dir: None}
+    (leaf,) = manifest.leaves
     assert leaf.storage == fmt.CHUNKED and leaf.chunk_shape == (32, 1024)
     assert sorted(leaf.chunks) == ["0.0", "1.0", "2.0", "3.0"]
     for digest, holder in leaf.chunks.values():
         assert len(digest) == 32 and holder.startswith(fmt.step_name(0) + "/d")
         assert (tmp_path / holder / leaf.array / "zarr.json").exists()
+
+
+def test_an_incremental_save_reads_reused_chunks_with_their_own_codec(tmp_path):
+    """The manifest names each data directory's codec: arrays open without their zarr.json
+    (written for other tools on local roots only; tests/test_object_store.py has buckets)."""
+    root = str(tmp_path)
+    options = {c: jckpt.SaveOptions(chunk_bytes=64 * 1024, compression=c) for c in ("zstd", None)}
+    state = {"w": np.arange(80_000, dtype=np.float32), "small": [np.full(9, i) for i in range(3)]}
+    jckpt.save(root, state, step=0, options=options["zstd"])
+    state["w"][:10] += 1  # one chunk of five changes
+    state["small"][1] = state["small"][1] + 1
+    info = jckpt.save(root, state, step=1, kind="incremental", options=options[None])
+    assert info.bytes_written < info.bytes_total / 3
+    base, manifest = (Root(root).read_manifest(s) for s in (0, 1))
+    assert manifest.codecs == {base.data_dir: "zstd", manifest.data_dir: None}
+    metadata_files = list(tmp_path.rglob("zarr.json"))
+    assert len(metadata_files) == 4  # w and the packed blob, in both data directories
+    for path in metadata_files:
+        path.unlink()  # jckpt itself never reads them
+    jckpt.delete(root, 0)
+    assert_trees_equal(jckpt.restore(root, like=state), state)
+    jckpt.verify(root)
+
+
+def test_processes_saving_with_different_codecs_are_refused():
+    leaf = fmt.LeafRecord("w", (("d", "w"),), "numpy", fmt.CHUNKED, "float32", "float32", (8,))
+    fragments = [fmt.Fragment(fmt.plan_digest([leaf], codec), {}, {}, {}, 0) for codec in (None, "zstd")]
+    with pytest.raises(jckpt.TreeMismatchError, match="process\\(es\\) \\[1\\].*compression"):
+        write_lib.check_fragments(3, fragments)
 
 
 @pytest.mark.parametrize("compression", ["zstd", "blosc"])
@@ -100,11 +132,12 @@ def test_compressed_chunks_round_trip(tmp_path, compression):
 # --------------------------------------------------------------- version 1 and checksums
 
 BF16 = jnp.bfloat16
-V1 = pathlib.Path(__file__).parent / "fixtures" / "v1"  # written by jckpt 825afb0 (make_v1.py)
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+OLD_ROOTS = ["v1", "v2"]  # written by jckpt 825afb0 (make_v1.py) and 2060f08 (make_v2.py: zstd, then none)
 
 
-def _v1_state(step):
-    """The values tests/fixtures/make_v1.py saved as ``step``."""
+def _old_state(step):
+    """The values tests/fixtures/make_v1.py and make_v2.py saved as ``step``."""
     big = (np.arange(320 * 1024) % 251).astype(np.uint8).reshape(320, 1024) + 1
     w = np.arange(64 * 128, dtype=np.float32).reshape(64, 128) + 1
     if step == 2:
@@ -122,15 +155,16 @@ def _v1_state(step):
     }
 
 
-def test_version_1_checkpoints_still_restore(tmp_path):
-    root = tmp_path / "v1"
-    shutil.copytree(V1, root)
+@pytest.mark.parametrize("old", OLD_ROOTS)
+def test_older_versions_still_restore(tmp_path, old):
+    root = tmp_path / old
+    shutil.copytree(FIXTURES / old, root)
     before = {p: p.read_bytes() for p in _files(root)}
     assert jckpt.all_steps(root) == [1, 2]
     assert jckpt.info(root, 2).kind == "incremental" and jckpt.info(root, 1).metrics == {"loss": 1.5}
     for step in (1, 2):
         restored = jckpt.restore(root, step=step)
-        expected = _v1_state(step)
+        expected = _old_state(step)
         rng = restored.pop("rng"), restored.pop("old_rng")
         assert_trees_equal(restored, expected)
         assert jax.random.key_data(rng[0]).tolist() == jax.random.key_data(jax.random.key(1)).tolist()
@@ -139,10 +173,11 @@ def test_version_1_checkpoints_still_restore(tmp_path):
     assert {p: p.read_bytes() for p in _files(root)} == before  # reading changes nothing
 
 
-def test_saving_into_a_version_1_root_upgrades_it(tmp_path):
-    root = tmp_path / "v1"
-    shutil.copytree(V1, root)
-    state = _v1_state(2)
+@pytest.mark.parametrize("old", OLD_ROOTS)
+def test_saving_into_an_older_root_upgrades_it(tmp_path, old):
+    root = tmp_path / old
+    shutil.copytree(FIXTURES / old, root)
+    state = _old_state(2)
     state["small"][0] = state["small"][0] + 5
     options = jckpt.SaveOptions(chunk_bytes=65536)  # as make_v1.py: the chunks of "big" are reused
     info = jckpt.save(root, state, step=3, kind="incremental", options=options)

@@ -163,7 +163,7 @@ def test_like_casts_dtypes(tmp_path):
 
 def test_like_subset_reads_only_what_is_asked(tmp_path):
     params = {"w": jnp.ones((512, 512))}
-    state = {"params": params, "opt": {"mu": jnp.zeros((512, 512)), "nu": jnp.zeros((512, 512))}}
+    state = {"params": params, "opt": {"mu": jnp.full((512, 512), 2.0), "nu": jnp.full((512, 512), 3.0)}}
     jckpt.save(tmp_path, state, step=0)
     # remove the optimizer's data files: restoring params must not touch them
     manifest = Root(tmp_path).read_manifest(0)
