@@ -149,6 +149,11 @@ def _conditional_write(root: Root, value: bytes | None, generation: Any) -> tupl
             return True, None
 
 
+def _new_lease(since: float, expires: float, data_dir: str, pins: tuple[str, ...]) -> Lease:
+    """A lease held by this process."""
+    return Lease(socket.gethostname(), os.getpid(), _TOKEN, since, expires, data_dir, tuple(pins))
+
+
 def _local_conditional_write(target: str, value: bytes | None, expected: bytes | None) -> bool:
     directory = os.path.dirname(target)
     try:
@@ -207,29 +212,49 @@ class Holder:
           RootLockedError: another live writer holds it (names host, pid, since).
         """
         with self._lock:
-            current, generation = read(self.root)
             now = time.time()
-            if current is not None and not current.mine() and current.live(now):
-                raise RootLockedError(
-                    f"{self.root.directory!r} is being written by another process ({current.describe()}); "
-                    "one writer per root: stop it, or wait for its lease to expire",
-                    holder=current,
-                )
-            if current is not None and not current.mine() and current.data_dir:
-                self.abandoned = current.data_dir  # the save in flight of a writer that is gone
-            since = current.since if current is not None and current.mine() else now
-            host, pid = socket.gethostname(), os.getpid()
-            lease = Lease(host, pid, _TOKEN, since, now + self.ttl, data_dir, tuple(pins))
-            self._write(lease, generation)
+            since = self.lease.since if self.lease is not None else now
+            lease = _new_lease(since, now + self.ttl, data_dir, pins)
+            # Held: first the guess that the lease is as this process last wrote it (one request
+            # less); else read it and decide.  Not held: always read first, as some stores (the
+            # GCS emulator) ignore the condition "create only if absent".
+            if self.lease is None or not self._write(lease, self._generation, or_read_first=True):
+                self._take(data_dir, pins)
         if self._thread is None:
             self._thread = threading.Thread(target=self._renew_loop, name="jckpt-lease", daemon=True)
             self._thread.start()
 
-    def _write(self, lease: Lease, generation: Any) -> None:
+    def _take(self, data_dir: str, pins: tuple[str, ...]) -> None:
+        """Reads the lease and takes it unless another live writer holds it."""
+        current, generation = read(self.root)
+        now = time.time()
+        if current is not None and not current.mine() and current.live(now):
+            raise RootLockedError(
+                f"{self.root.directory!r} is being written by another process ({current.describe()}); "
+                "one writer per root: stop it, or wait for its lease to expire",
+                holder=current,
+            )
+        if current is not None and not current.mine() and current.data_dir:
+            self.abandoned = current.data_dir  # the save in flight of a writer that is gone
+        since = current.since if current is not None and current.mine() else now
+        self._write(_new_lease(since, now + self.ttl, data_dir, pins), generation)
+
+    def _write(self, lease: Lease, generation: Any, *, or_read_first: bool = False) -> bool:
+        """Writes ``lease`` if the stored one is unchanged since ``generation``.
+
+        Returns:
+          True once written; False if it changed and ``or_read_first`` (the caller
+          reads it and decides).
+
+        Raises:
+          RootLockedError: it changed (another writer came first).
+        """
         written, new_generation = _conditional_write(self.root, _encode(lease), generation)
         if written and new_generation is not None:
             self.lease, self._generation = lease, new_generation
-            return
+            return True
+        if not written and or_read_first:
+            return False
         current, new_generation = read(self.root)  # lost the race, or a store that cannot condition writes
         if not written or current is None or current.token != _TOKEN:  # another writer came first
             holder = current.describe() if current is not None else "unknown"
@@ -237,6 +262,7 @@ class Holder:
                 f"{self.root.directory!r}: another writer took the lease first ({holder})", holder=current
             )
         self.lease, self._generation = lease, new_generation
+        return True
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 4):

@@ -253,4 +253,21 @@ def test_requests_per_save(counted_s3_root):
     options = jckpt.SaveOptions(chunk_bytes=2**20)
     proxy.reset_counts()
     jckpt.save(root, {"w": np.ones((64, 2**18), np.float32)}, step=2, options=options)  # 64 chunks of 1 MiB
-    assert proxy.counts["PUT"] <= 64 + 3 and proxy.total <= 64 + 10, dict(proxy.counts)
+    assert proxy.counts["PUT"] <= 64 + 2 and proxy.total <= 64 + 10, dict(proxy.counts)
+    layers = {f"layer{i}": np.full((512, 512), i, np.float32) for i in range(24)}  # one chunk each
+    proxy.reset_counts()
+    jckpt.save(root, layers, step=3)
+    assert proxy.counts["PUT"] <= 24 + 2 and proxy.total <= 24 + 10, dict(proxy.counts)  # no zarr.json
+    proxy.reset_counts()
+    assert_trees_equal(jckpt.restore(root, step=3), layers)
+    assert proxy.total <= 24 + 4, dict(proxy.counts)
+
+
+def test_a_managers_later_saves_renew_its_lease_without_reading_it(counted_s3_root):
+    root, proxy = counted_s3_root
+    small = {f"l{i}": np.full(256, i, np.float32) for i in range(100)}
+    with jckpt.CheckpointManager(root, async_save=False) as mngr:
+        mngr.save(0, small)
+        proxy.reset_counts()
+        mngr.save(1, small)  # marker 2 GET, list 2, lease HEAD + PUT, chunk, manifest (was 10: + lease GET)
+        assert proxy.total <= 8, dict(proxy.counts)
