@@ -98,7 +98,8 @@ sys.path.insert(0, os.path.join(_REPO, "tests"))  # servers.py, faultproxy.py
 
 MiB = 2**20
 OBJECT_BYTES = 16 * MiB  # raw paths' object size = jckpt's default chunk size
-S3_CONTENDERS = ("jckpt", "ts-raw", "boto3", "boto3-mpu")
+S3_CONTENDERS = ("jckpt", "ts-raw", "boto3", "boto3-mpu", "jckpt-bytegroup")
+JCKPT_CODECS = {"jckpt": None, "jckpt-bytegroup": "bytegroup"}  # SaveOptions.compression of each
 GCS_CONTENDERS = ("jckpt", "ts-raw", "orbax", "orbax-nocomp", "orbax-ocdbt")
 RAW = ("ts-raw", "boto3", "boto3-mpu")
 ORBAX_CONFIGS = {
@@ -277,6 +278,13 @@ def empty_prefix(url: str) -> int:
     return storage.delete_keys(kv, storage.list_keys(kv))
 
 
+def stored_bytes(url: str, endpoint: str) -> int:
+    """The bytes stored under an s3:// ``url`` (object sizes, as listed)."""
+    bucket, prefix = _split(url)
+    pages = _boto3_client(endpoint, 1).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
 def _boto3_client(endpoint: str, concurrency: int):
     import boto3
     from botocore.config import Config
@@ -345,11 +353,11 @@ class Saver:
 
     def save(self, url: str, state, objects: list[bytes], stream: bytes) -> float:
         name, args = self.name, self.args
-        if name == "jckpt":
+        if name in JCKPT_CODECS:
             import jckpt
 
             start = time.perf_counter()
-            jckpt.save(url, state, step=1)
+            jckpt.save(url, state, step=1, options=jckpt.SaveOptions(compression=JCKPT_CODECS[name]))
             return time.perf_counter() - start
         if name == "orbax-ocdbt" and self.scenario is not None:
             return self._save_in_worker(url)
@@ -416,13 +424,13 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
 
     states = _states_module()
     name, url, warm = job["contender"], job["url"], job["warm_url"]
-    abstract = states.abstract_state(job["scenario"]) if name == "jckpt" or name.startswith("orbax") else None
+    abstract = states.abstract_state(job["scenario"]) if name.startswith(("jckpt", "orbax")) else None
     tiny_abstract = _abstract_of(_tiny_state())
     bucket, prefix = _split(url)
     warm_bucket, warm_prefix = _split(warm)
     nobj = -(-job["nbytes"] // OBJECT_BYTES)
 
-    if name == "jckpt":
+    if name in JCKPT_CODECS:
         import jckpt
 
         def restore(where, like):
@@ -524,6 +532,8 @@ def bench_scenario(backend: str, scenario: str, args, contenders: list[str], buc
             result = restore_in_worker(job)
             times[contender]["save"].append(saved)
             times[contender]["restore"].append(result["seconds"])
+            if contender in JCKPT_CODECS and backend == "s3":
+                times[contender].setdefault("stored", []).append(stored_bytes(url, endpoint))
             empty_prefix(url)
             print(
                 f"  run {run} {contender:12s} save {saved:7.3f} s  restore {result['seconds']:7.3f} s"
@@ -538,6 +548,9 @@ def summarize(backend, scenario, nbytes, times, failed) -> dict[str, Any]:
     out: dict[str, Any] = {"backend": backend, "scenario": scenario, "bytes": nbytes, "failed": failed}
     for contender, phases in times.items():
         for phase, values in phases.items():
+            if phase == "stored":
+                out["contenders"][contender]["stored_bytes"] = values[-1]
+                continue
             if not values:
                 continue
             median = statistics.median(values)
@@ -559,6 +572,12 @@ def summarize(backend, scenario, nbytes, times, failed) -> dict[str, Any]:
             "ratio": raws[best] / measured["jckpt"][phase]["median_s"],  # throughput ratio
             "paired_min": min(paired), "paired_max": max(paired),
         }  # fmt: skip
+        if phase in measured.get("jckpt-bytegroup", {}):
+            coded = measured["jckpt-bytegroup"][phase]
+            out[f"{phase}_bytegroup_vs_none"] = {
+                "ratio": coded["median_s"] / measured["jckpt"][phase]["median_s"],
+                "paired": [c / j for c, j in zip(coded["runs_s"], jck)],
+            }
         orbax = {c: v[phase]["median_s"] for c, v in measured.items() if c.startswith("orbax") and phase in v}
         if orbax:
             out[f"{phase}_vs_orbax"] = {c: t / measured["jckpt"][phase]["median_s"] for c, t in orbax.items()}
@@ -583,6 +602,9 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(f"{contender:13s} {cells[0]:>34s}   {cells[1]:>35s}")
     for contender, why in summary["failed"].items():
         lines.append(f"{contender:13s} FAILED: {why}")
+    stored = {c: p["stored_bytes"] for c, p in summary.get("contenders", {}).items() if "stored_bytes" in p}
+    for contender, size in stored.items():
+        lines.append(f"{contender} stores {size / MiB:.1f} MiB (state bytes / stored {nbytes / size:.3f})")
     for phase in ("save", "restore"):
         cmp = summary.get(f"{phase}_vs_best_raw")
         if cmp:
@@ -590,6 +612,12 @@ def report(summary: dict[str, Any]) -> str:
             lines.append(
                 f"jckpt {phase} throughput / best raw ({cmp['best_raw']}): {cmp['ratio']:.3f} "
                 f"(per run {cmp['paired_min']:.2f}-{cmp['paired_max']:.2f}); target >= 0.80: {verdict}"
+            )
+        coded = summary.get(f"{phase}_bytegroup_vs_none")
+        if coded:
+            lines.append(
+                f"jckpt-bytegroup {phase} time / jckpt's (no compression): {coded['ratio']:.3f} "
+                f"(per run {min(coded['paired']):.2f}-{max(coded['paired']):.2f})"
             )
         for contender, ratio in summary.get(f"{phase}_vs_orbax", {}).items():
             lines.append(f"jckpt {phase} throughput / {contender}: {ratio:.2f}")
@@ -979,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.runs is None:
         args.runs = 1 if args.quick else 3
-    quick_drop = {"boto3-mpu", "orbax-nocomp", "orbax-ocdbt"} if args.quick else set()
+    quick_drop = {"boto3-mpu", "orbax-nocomp", "orbax-ocdbt", "jckpt-bytegroup"} if args.quick else set()
     s3 = args.s3_contenders if args.s3_contenders is not None else ",".join(S3_CONTENDERS)
     gcs = args.gcs_contenders if args.gcs_contenders is not None else ",".join(GCS_CONTENDERS)
     args.s3_contenders = [c for c in s3.split(",") if c and c not in quick_drop]
