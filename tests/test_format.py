@@ -112,6 +112,19 @@ def test_an_incremental_save_reads_reused_chunks_with_their_own_codec(tmp_path):
     jckpt.verify(root)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "no-such-codec"])
+def test_a_manifest_naming_the_wrong_codec_is_corruption(tmp_path, codec):
+    """A well-formed manifest (checksum intact) whose codecs lie: an error naming the step, never data."""
+    jckpt.save(tmp_path, {"w": np.arange(70_000, dtype=np.float32)}, step=4)
+    path = tmp_path / fmt.manifest_key(4)
+    doc = json.loads(path.read_bytes())
+    doc["codecs"] = {d: codec for d in doc["codecs"]}
+    path.write_bytes(fmt.encode_document(doc))
+    for call in (jckpt.restore, jckpt.verify):
+        with pytest.raises(jckpt.CorruptCheckpointError, match="step 4"):
+            call(tmp_path)
+
+
 def test_processes_saving_with_different_codecs_are_refused():
     leaf = fmt.LeafRecord("w", (("d", "w"),), "numpy", fmt.CHUNKED, "float32", "float32", (8,))
     fragments = [fmt.Fragment(fmt.plan_digest([leaf], codec), {}, {}, {}, 0) for codec in (None, "zstd")]
