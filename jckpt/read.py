@@ -9,6 +9,7 @@ and checks every chunk's hash before its bytes are used.
 from __future__ import annotations
 
 import collections
+import mmap
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ from jckpt.errors import CorruptCheckpointError
 from jckpt.root import Root
 
 MAX_INFLIGHT_BYTES = 128 * 2**20  # measured: 128 MiB restores as fast as 512 with ~15% less memory
+MMAP_MIN_BYTES = 2**20  # host buffers this large are anonymous memory maps (see aligned_empty)
 
 
 class Target(NamedTuple):
@@ -96,8 +98,20 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     """An uninitialised C-order array whose data is ``alignment``-byte aligned.
 
     jax adopts 64-byte-aligned host buffers on CPU instead of copying them.
+    Buffers of at least MMAP_MIN_BYTES are anonymous memory maps (page
+    aligned), not ``np.empty``: numpy marks large buffers for transparent huge
+    pages, and where the kernel then compacts memory on first touch (THP
+    ``defrag=madvise``, its default) filling fresh buffers took about twice
+    the CPU (see docs/storage.md, Performance).
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes >= MMAP_MIN_BYTES and alignment <= mmap.PAGESIZE and hasattr(mmap, "MAP_ANONYMOUS"):
+        try:
+            raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+        except OSError:  # e.g. out of memory maps (vm.max_map_count): numpy's allocator instead
+            pass
+        else:
+            return raw.view(dtype).reshape(shape)
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
