@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import mmap
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -115,6 +116,28 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+# madvise(MADV_POPULATE_WRITE) (Linux >= 5.14; Python 3.11's mmap module lacks the name): faults a
+# range in at once, cheaper than page by page on first write. Unset after a kernel refuses it.
+_populate_write: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
+
+
+def populate(view: np.ndarray) -> None:
+    """Faults in the memory of ``view`` (C-contiguous) now when it lies in a map of :func:`aligned_empty`."""
+    global _populate_write
+    base = view
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    held = base.base
+    if _populate_write is None or not isinstance(held, memoryview) or not isinstance(held.obj, mmap.mmap):
+        return
+    start = view.ctypes.data - base.ctypes.data
+    start -= start % mmap.PAGESIZE
+    try:
+        held.obj.madvise(_populate_write, start, view.ctypes.data + view.nbytes - base.ctypes.data - start)
+    except (OSError, ValueError):  # an older kernel: pages fault in on first write instead
+        _populate_write = None
 
 
 def _region(pairs: Sequence[Sequence[int]]) -> chunking.Region:
@@ -289,6 +312,7 @@ class Reader:
         if read.dest is not None:
             if read.dest.shape != source.shape or read.dest.dtype != store.dtype.numpy_dtype:
                 raise _corrupt(self.step, read, "stored array does not match its manifest")
+            populate(read.dest)  # here, just before its read: overlapped with the reads in flight
             return ts.array(read.dest, copy=False, write=True).write(source).commit, nbytes
         return source.read(), nbytes
 
