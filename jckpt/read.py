@@ -136,8 +136,10 @@ def populate(view: np.ndarray) -> None:
     start -= start % mmap.PAGESIZE
     try:
         held.obj.madvise(_populate_write, start, view.ctypes.data + view.nbytes - base.ctypes.data - start)
-    except (OSError, ValueError):  # an older kernel: pages fault in on first write instead
+    except OSError:  # an older kernel: pages fault in on first write instead
         _populate_write = None
+    except ValueError:  # a range the map refuses (e.g. empty): nothing to fault in
+        pass
 
 
 def _region(pairs: Sequence[Sequence[int]]) -> chunking.Region:
