@@ -9,6 +9,8 @@ and checks every chunk's hash before its bytes are used.
 from __future__ import annotations
 
 import collections
+import mmap
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -22,6 +24,7 @@ from jckpt.errors import CorruptCheckpointError
 from jckpt.root import Root
 
 MAX_INFLIGHT_BYTES = 128 * 2**20  # measured: 128 MiB restores as fast as 512 with ~15% less memory
+MMAP_MIN_BYTES = 2**20  # host buffers this large are anonymous memory maps (see aligned_empty)
 
 
 class Target(NamedTuple):
@@ -96,11 +99,47 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     """An uninitialised C-order array whose data is ``alignment``-byte aligned.
 
     jax adopts 64-byte-aligned host buffers on CPU instead of copying them.
+    Buffers of at least MMAP_MIN_BYTES are anonymous memory maps (page
+    aligned), not ``np.empty``: numpy marks large buffers for transparent huge
+    pages, and where the kernel then compacts memory on first touch (THP
+    ``defrag=madvise``, its default) filling fresh buffers took about twice
+    the CPU (see docs/storage.md, Performance).
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes >= MMAP_MIN_BYTES and alignment <= mmap.PAGESIZE and hasattr(mmap, "MAP_ANONYMOUS"):
+        try:
+            raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+        except OSError:  # e.g. out of memory maps (vm.max_map_count): numpy's allocator instead
+            pass
+        else:
+            return raw.view(dtype).reshape(shape)
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+# madvise(MADV_POPULATE_WRITE) (Linux >= 5.14; Python 3.11's mmap module lacks the name): faults a
+# range in at once, cheaper than page by page on first write. Unset after a kernel refuses it.
+_populate_write: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
+
+
+def populate(view: np.ndarray) -> None:
+    """Faults in the memory of ``view`` (C-contiguous) now when it lies in a map of :func:`aligned_empty`."""
+    global _populate_write
+    base = view
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    held = base.base
+    if _populate_write is None or not isinstance(held, memoryview) or not isinstance(held.obj, mmap.mmap):
+        return
+    start = view.ctypes.data - base.ctypes.data
+    start -= start % mmap.PAGESIZE
+    try:
+        held.obj.madvise(_populate_write, start, view.ctypes.data + view.nbytes - base.ctypes.data - start)
+    except OSError:  # an older kernel: pages fault in on first write instead
+        _populate_write = None
+    except ValueError:  # a range the map refuses (e.g. empty): nothing to fault in
+        pass
 
 
 def _region(pairs: Sequence[Sequence[int]]) -> chunking.Region:
@@ -293,6 +332,7 @@ class Reader:
         if read.dest is not None:
             if read.dest.shape != source.shape or read.dest.dtype != store.dtype.numpy_dtype:
                 raise _corrupt(self.step, read, "stored array does not match its manifest")
+            populate(read.dest)  # here, just before its read: overlapped with the reads in flight
             return ts.array(read.dest, copy=False, write=True).write(source).commit, nbytes
         return source.read(), nbytes
 
