@@ -54,6 +54,7 @@ import argparse
 import ctypes
 import gc
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -274,7 +275,13 @@ class Limit:
         import numpy as np
 
         leaves, treedef = jax.tree.flatten(abstract)
-        bufs = [np.empty(x.shape, x.dtype) for x in leaves]
+        # Anonymous maps, not np.empty: numpy madvises large buffers for huge pages, whose
+        # first touch compacts memory (measured: a cold read 0.83 s into np.empty, 0.65 s here).
+        bufs = [
+            np.frombuffer(mmap.mmap(-1, x.size * x.dtype.itemsize), x.dtype).reshape(x.shape)
+            if x.size * x.dtype.itemsize >= 2**20 else np.empty(x.shape, x.dtype)
+            for x in leaves
+        ]  # fmt: skip
 
         def read(item):
             i, views = item
