@@ -327,6 +327,19 @@ def _data_outcomes(root) -> dict[int, str]:
     return out
 
 
+def _outcomes_with(root, path, data):
+    """Every step's outcome (see _data_outcomes) while ``path`` holds ``data`` (None: deleted)."""
+    original = path.read_bytes()
+    if data is None:
+        path.unlink()
+    else:
+        path.write_bytes(data)
+    try:
+        return _data_outcomes(root)
+    finally:
+        path.write_bytes(original)
+
+
 def _run_data_trials(root, corruptions, tally, scenario, *, may_be_harmless=False):
     """corruptions: [(label, path, new bytes or None to delete)].
 
@@ -337,15 +350,7 @@ def _run_data_trials(root, corruptions, tally, scenario, *, may_be_harmless=Fals
     """
     failures, harmless = [], 0
     for label, path, data in corruptions:
-        original = path.read_bytes()
-        if data is None:
-            path.unlink()
-        else:
-            path.write_bytes(data)
-        try:
-            outcomes = _data_outcomes(root)
-        finally:
-            path.write_bytes(original)
+        outcomes = _outcomes_with(root, path, data)
         consistent = set(outcomes.values()) <= {"intact", "corrupt"}
         caught = consistent and "corrupt" in outcomes.values()
         harmless += consistent and not caught
@@ -400,14 +405,7 @@ def test_array_metadata_files_are_not_trusted(root, tally):
             ("shape+1", json.dumps({**doc, "shape": [n + 1 for n in doc["shape"]]}).encode()),
             ("dtype", json.dumps({**doc, "data_type": other}).encode()),
         ]:
-            if new is None:
-                path.unlink()
-            else:
-                path.write_bytes(new)
-            try:
-                outcomes = _data_outcomes(root)
-            finally:
-                path.write_bytes(data)
+            outcomes = _outcomes_with(root, path, new)
             ok = set(outcomes.values()) == {"intact"}
             tally.record("array metadata (zarr.json): deleted / garbage / shape / dtype", ok,
                          "ignored" if ok else "MISSED")
