@@ -547,10 +547,8 @@ def bench_scenario(backend: str, scenario: str, args, contenders: list[str], buc
 def summarize(backend, scenario, nbytes, times, failed) -> dict[str, Any]:
     out: dict[str, Any] = {"backend": backend, "scenario": scenario, "bytes": nbytes, "failed": failed}
     for contender, phases in times.items():
-        for phase, values in phases.items():
-            if phase == "stored":
-                out["contenders"][contender]["stored_bytes"] = values[-1]
-                continue
+        for phase in ("save", "restore"):
+            values = phases[phase]
             if not values:
                 continue
             median = statistics.median(values)
@@ -558,6 +556,8 @@ def summarize(backend, scenario, nbytes, times, failed) -> dict[str, Any]:
                 "runs_s": values, "median_s": median, "min_s": min(values), "max_s": max(values),
                 "MiBps": nbytes / MiB / median,
             }  # fmt: skip
+        if phases.get("stored") and contender in out.get("contenders", {}):
+            out["contenders"][contender]["stored_bytes"] = phases["stored"][-1]
     measured = out.get("contenders", {})
     for phase in ("save", "restore"):
         raws = {c: v[phase]["median_s"] for c, v in measured.items() if c in RAW and phase in v}

@@ -212,13 +212,15 @@ class Holder:
           RootLockedError: another live writer holds it (names host, pid, since).
         """
         with self._lock:
-            now = time.time()
-            since = self.lease.since if self.lease is not None else now
-            lease = _new_lease(since, now + self.ttl, data_dir, pins)
             # Held: first the guess that the lease is as this process last wrote it (one request
             # less); else read it and decide.  Not held: always read first, as some stores (the
             # GCS emulator) ignore the condition "create only if absent".
-            if self.lease is None or not self._write(lease, self._generation, or_read_first=True):
+            held = self.lease
+            if held is None or not self._write(
+                _new_lease(held.since, time.time() + self.ttl, data_dir, pins),
+                self._generation,
+                or_read_first=True,
+            ):
                 self._take(data_dir, pins)
         if self._thread is None:
             self._thread = threading.Thread(target=self._renew_loop, name="jckpt-lease", daemon=True)

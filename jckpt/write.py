@@ -368,5 +368,6 @@ def assemble(
         blobs=blobs,
         lineage=lineage,
     )
-    codecs = {d: c for d, c in (base_codecs or {}).items() if d in manifest.data_dirs()}
+    read_from = manifest.data_dirs()  # walks every chunk: once, not per base directory
+    codecs = {d: c for d, c in (base_codecs or {}).items() if d in read_from}
     return manifest._replace(codecs={**codecs, data_dir: options.compression})
