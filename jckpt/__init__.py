@@ -28,6 +28,7 @@ from typing import Any
 from jckpt.errors import CheckpointNotFoundError
 from jckpt.errors import CheckpointSaveError
 from jckpt.errors import CorruptCheckpointError
+from jckpt.errors import LeaseLostError
 from jckpt.errors import NotACheckpointRootError
 from jckpt.errors import RootLockedError
 from jckpt.errors import StepExistsError
@@ -84,6 +85,7 @@ __all__ = (
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "LeaseLostError",
     "LeafDiff",
     "NotACheckpointRootError",
     "RootLockedError",

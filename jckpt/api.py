@@ -17,17 +17,16 @@ import jax
 import numpy as np
 
 from jckpt import format as fmt
-from jckpt import gc, lease, multihost, place, storage, tree
+from jckpt import gc, lease, multihost, place, saving, tree
 from jckpt import read as read_lib
 from jckpt import write as write_lib
 from jckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    StepExistsError,
     StepTaggedError,
     TreeMismatchError,
 )
-from jckpt.root import Root, new_data_dir
+from jckpt.root import Root
 from jckpt.snapshots import Snapshot, snapshot
 from jckpt.write import SaveOptions
 
@@ -237,21 +236,8 @@ def delete(directory: str | os.PathLike, step: int) -> None:
     op.all_then_primary("delete", lambda: None, lambda _: run(), lambda: None)
 
 
-def _resolve_base(root: Root, kind: str, base: int | None) -> fmt.Manifest | None:
-    if kind not in fmt.KINDS:
-        raise ValueError(f"kind must be one of {fmt.KINDS}, got {kind!r}")
-    if kind == "full":
-        if base is not None:
-            raise ValueError("base= is only meaningful with kind='incremental'")
-        return None
-    if base is None:
-        steps = root.committed_steps()
-        return root.read_manifest(steps[-1]) if steps else None
-    return root.read_manifest(fmt.check_step(base))
-
-
 def save_snapshot(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike | Root,
     snap: Snapshot,
     *,
     step: int,
@@ -262,16 +248,22 @@ def save_snapshot(
     options: SaveOptions | None = None,
     created: float | None = None,
     lineage: dict | None = None,
+    writer: lease.Writer | None = None,
 ) -> fmt.CheckpointInfo:
     """Writes a snapshot as committed step ``step``.  Safe to call from a background thread.
 
     See :func:`save` for the arguments.  ``created`` overrides the commit time
-    recorded in the manifest (the manager passes its injected clock).
+    recorded in the manifest (the manager passes its injected clock);
+    ``writer`` is a ``jckpt.lease.Writer`` the caller holds (a manager's), else
+    the save takes the root's lease for its duration.
 
     Under ``jax.distributed`` (docs/multihost.md) process 0 validates, cleans
     up and picks the data directory and the base step; every process writes
     its fragment; process 0 checks the fragments, assembles and commits.  In a
-    single process the same steps run in place.
+    single process the same phases (``jckpt.saving``) run in place.
+
+    Raises:
+      LeaseLostError: the writer lost the root's lease before the commit (nothing is committed).
     """
     started = time.perf_counter()
     options = options or SaveOptions()
@@ -282,74 +274,47 @@ def save_snapshot(
     metadata = fmt.json_value(metadata, "metadata")
     if metrics is not None and not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
-    root = Root(directory)
+    root = directory if isinstance(directory, Root) else Root(directory)
     op = multihost.Operation("save", root.directory, step)
-    base_manifest: fmt.Manifest | None = None  # read by process 0 in prepare(), by the others in write()
-    holder: lease.Holder | None = None  # process 0's hold on the writer lease, if this save took it
+    held = contextlib.nullcontext(None) if not multihost.is_primary() else lease.writing(root, writer)
+    with held as own:
+        base_manifest: fmt.Manifest | None = None  # read by process 0 in prepare, by the others in write
+        epoch = -1
 
-    def prepare() -> list:
-        nonlocal base_manifest, holder
-        root.ensure()
-        data_dir = new_data_dir(step)
-        for _ in range(3):  # the base is pinned in the lease before it is relied on, then re-checked
-            base_manifest = _resolve_base(root, kind, base)
-            pins = tuple(sorted(base_manifest.data_dirs())) if base_manifest is not None else ()
-            held, created = lease.hold(root, data_dir=data_dir, pins=pins)
-            holder = holder or (held if created else None)
-            if base_manifest is None or root.read(root.manifest_key(base_manifest.step)) is not None:
-                break
-        else:
-            raise CheckpointNotFoundError(f"step {step}: its base steps keep being deleted by others")
-        if step in root.committed_steps():  # checked under the lease: no other writer now
-            raise StepExistsError(f"step {step} is already committed at {root.directory!r}")
-        abandoned, held.abandoned = held.abandoned, ""
-        if storage.local_path(root.spec) is not None:
-            gc.remove_uncommitted(root)  # a directory scan: cheap locally
-        elif abandoned:  # object stores: no listing of every key; the dead writer's lease names it
-            gc.remove_abandoned(root, abandoned)
-        return [data_dir, base_manifest.step if base_manifest is not None else None]
+        def prepare() -> list:
+            nonlocal base_manifest, epoch
+            prepared, base_manifest = saving.prepare(root, own, step, kind, base)
+            epoch = prepared.epoch
+            return [prepared.data_dir, prepared.base_step]
 
-    def write() -> fmt.Fragment:
-        nonlocal base_manifest
-        with storage.named_errors(root.where(data_dir), step):
-            if base_step is not None and base_manifest is None:
-                base_manifest = root.read_manifest(base_step)
-            return write_lib.write_fragment(root, data_dir, snap, records, options, base_manifest)
+        def commit(fragments: list[fmt.Fragment]) -> fmt.CheckpointInfo:
+            write_lib.check_fragments(step, fragments)
+            manifest = write_lib.assemble(
+                records,
+                fragments,
+                step=step,
+                base_step=prepared.base_step,
+                data_dir=prepared.data_dir,
+                options=options,
+                metrics=metrics,
+                metadata=metadata,
+                created=time.time() if created is None else created,
+                save_seconds=time.perf_counter() - started,
+                lineage={**snap.lineage, "base_step": prepared.base_step, **(lineage or {})},
+                base_codecs=base_manifest.codecs if base_manifest is not None else None,
+            )
+            return saving.commit(root, manifest, own.fence(epoch))
 
-    def commit(fragments: list[fmt.Fragment]) -> fmt.CheckpointInfo:
-        write_lib.check_fragments(step, fragments)
-        manifest = write_lib.assemble(
-            records,
-            fragments,
-            step=step,
-            base_step=base_step,
-            data_dir=data_dir,
-            options=options,
-            metrics=metrics,
-            metadata=metadata,
-            created=time.time() if created is None else created,
-            save_seconds=time.perf_counter() - started,
-            lineage={**snap.lineage, "base_step": base_step, **(lineage or {})},
-            base_codecs=base_manifest.codecs if base_manifest is not None else None,
-        )
-        root.commit(manifest)
-        return manifest.info()
-
-    try:
-        data_dir, base_step = op.on_primary("prepare", prepare)
+        prepared = saving.Prepared(*op.on_primary("prepare", prepare))
         records = write_lib.plan(snap, options)  # the same on every process (checked at commit)
         return op.all_then_primary(
             "write",
-            write,
+            lambda: saving.write(root, step, prepared, snap, records, options, base_manifest),
             commit,
-            lambda: gc.discard(root, data_dir),
+            lambda: gc.discard(root, prepared.data_dir),
             work_codec=(fmt.Fragment.to_json, fmt.Fragment.from_json),
             result_codec=(fmt.info_to_json, fmt.info_from_json),
         )
-    finally:
-        if holder is not None:
-            with contextlib.suppress(Exception):  # never mask the save's own error; it expires anyway
-                lease.let_go(root)
 
 
 def save(

@@ -76,6 +76,14 @@ class RootLockedError(OSError):
         return self.strerror
 
 
+class LeaseLostError(RootLockedError):
+    """A writer lost its lease before it could commit (paused past its ttl, renewals failing, taken over).
+
+    The save it was making is not committed (a manifest it had written is
+    removed again); other writers may hold the root now.
+    """
+
+
 class StepTaggedError(PermissionError):
     """A tagged step cannot be deleted until its tags are removed (``jckpt.untag``)."""
 

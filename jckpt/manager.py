@@ -20,10 +20,12 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import signal
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,11 +35,13 @@ import numpy as np
 
 from jckpt import api, lease, multihost
 from jckpt import policy as P
-from jckpt.errors import CheckpointNotFoundError, CheckpointSaveError, StepExistsError
+from jckpt.errors import CheckpointNotFoundError, CheckpointSaveError, CorruptCheckpointError, StepExistsError
 from jckpt.root import Root
 from jckpt.snapshots import snapshot
 
 __all__ = ["CheckpointManager", "CheckpointSaveError"]
+
+logger = logging.getLogger("jckpt")
 
 
 def _plain(value: Any) -> Any:
@@ -81,9 +85,19 @@ class CheckpointManager:
         policy, after which ``should_stop()`` is True. A second SIGINT
         interrupts as usual. Must be created in the main thread.
       options: ``jckpt.SaveOptions`` for every save.
+      lease_ttl: seconds the root's writer lease binds others after its last
+        renewal (default ``$JCKPT_LEASE_TTL_SECONDS``, else 120). A manager
+        paused for longer loses the lease: its save in flight then fails
+        (never reported committed) and another writer may take the root.
+      read_only: only restore and list: take no lease, refuse to save. A
+        writing manager takes the root's writer lease when it is created (so a
+        second trainer is refused before it trains) and holds it until ``close``.
 
     Raises:
-      ValueError: ``handle_preemption`` outside the main thread.
+      ValueError: ``handle_preemption`` outside the main thread; a bad ``lease_ttl``.
+      jckpt.RootLockedError: another writer (another process, or another manager
+        or save in this process) holds the root.
+      jckpt.NotACheckpointRootError: ``directory`` is non-empty and not a jckpt root.
 
     Example::
 
@@ -103,33 +117,48 @@ class CheckpointManager:
         *,
         handle_preemption: bool | Sequence[int] = False,
         options: Any = None,
+        lease_ttl: float | None = None,
+        read_only: bool = False,
     ):
         if policy is not None and not isinstance(policy, P.Policy):
             raise TypeError(f"policy must be a jckpt.policy.Policy, got {type(policy).__name__}")
         self._directory = directory
-        self._lease_root: Root | None = None  # set while this manager holds the root's writer lease
-        self._policy = policy if policy is not None else P.combine()
-        self._async = bool(async_save)
-        self._clock = clock
-        self._options = options
-        self._lock = threading.Lock()
-        self._history = [api.info(directory, s) for s in api.all_steps(directory)]
-        self._state = P.resume(self._policy, self._history)
-        self._shared_cpu = jax.default_backend() == "cpu"
-        self._pinned: Counter[int] = Counter()
-        self._pending: tuple[int, concurrent.futures.Future] | None = None
-        self._error: tuple[int, BaseException, str] | None = None
-        self._executor = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jckpt-save") if self._async else None
-        )
-        self._preempted = False
-        self._stop = False
-        self._closed = False
-        self._handlers: dict[int, Any] = {}
-        self._handler: Callable | None = None
-        if handle_preemption:
-            sigs = (signal.SIGTERM, signal.SIGINT) if handle_preemption is True else tuple(handle_preemption)
-            self._install_handlers(sigs)
+        self._read_only = bool(read_only)
+        ttl = lease.default_ttl() if lease_ttl is None else lease.check_ttl(lease_ttl)
+        self._writer: lease.Writer | None = None  # process 0's hold on the root, from now to close()
+        self._root = Root(directory)
+        if not self._read_only and multihost.is_primary():
+            self._root.ensure()
+            self._writer = lease.Writer(self._root, ttl).acquire()
+        try:
+            self._policy = policy if policy is not None else P.combine()
+            self._async = bool(async_save)
+            self._clock = clock
+            self._options = options
+            self._lock = threading.Lock()
+            self._history = [api.info(directory, s) for s in api.all_steps(directory)]
+            self._state = P.resume(self._policy, self._history)
+            self._shared_cpu = jax.default_backend() == "cpu"
+            self._pinned: Counter[int] = Counter()
+            self._pending: tuple[int, concurrent.futures.Future] | None = None
+            self._error: tuple[int, BaseException, str] | None = None
+            self._executor = (
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jckpt-save")
+                if self._async
+                else None
+            )
+            self._preempted = False
+            self._stop = False
+            self._closed = False
+            self._handlers: dict[int, Any] = {}
+            self._handler: Callable | None = None
+            if handle_preemption:
+                default = (signal.SIGTERM, signal.SIGINT)
+                self._install_handlers(default if handle_preemption is True else tuple(handle_preemption))
+        except BaseException:
+            if self._writer is not None:
+                self._writer.release()
+            raise
 
     # ------------------------------------------------------------------ saving
 
@@ -228,13 +257,10 @@ class CheckpointManager:
     def _save(self, event: P.Event, state: Any, kind: str, metadata: Mapping[str, Any] | None) -> None:
         if metadata and P.META_KEY in metadata:
             raise ValueError(f"metadata key {P.META_KEY!r} is reserved for the manager")
+        if self._read_only:
+            raise PermissionError(f"this CheckpointManager of {self._directory!r} is read-only")
         started = self._clock()
         self._collect(raise_error=True)  # back-pressure: one save in flight
-        if self._lease_root is None and multihost.is_primary():  # one writer per root, from now to close()
-            root = Root(self._directory)
-            root.ensure()
-            lease.hold(root)
-            self._lease_root = root
         snap = snapshot(state, copy=_needs_copy(state))
         blocking = max(0.0, float(self._clock()) - float(started))
         if kind == "incremental" and not self._history:
@@ -264,7 +290,7 @@ class CheckpointManager:
 
     def _write(self, step, snap, metrics, meta, kind, now) -> Any:
         info = api.save_snapshot(
-            self._directory,
+            self._root,
             snap,
             step=step,
             metrics=metrics,
@@ -272,6 +298,7 @@ class CheckpointManager:
             kind=kind,
             options=self._options,
             created=now,
+            writer=self._writer,
         )
         with self._lock:
             self._history.append(info)
@@ -374,8 +401,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._uninstall_handlers()
-            if self._lease_root is not None:
-                lease.let_go(self._lease_root)
+            if self._writer is not None:
+                self._writer.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -430,7 +457,13 @@ class CheckpointManager:
         return restored
 
     def restore_or_init(self, init: Callable[[], Any], like: Any = None) -> tuple[Any, int | None]:
-        """Restores the latest checkpoint, or calls ``init()`` when there is none.
+        """Restores the newest intact checkpoint, or calls ``init()`` when there is none.
+
+        A step that fails to restore because it is damaged (a chunk failing its
+        hash, a missing file, a damaged manifest) is skipped with a warning
+        (Python ``warnings`` and the ``jckpt`` logger) naming the step and the
+        file, and the next older one is tried. Under ``jax.distributed`` the
+        processes agree: a step damaged for any of them is skipped by all.
 
         Args:
           init: builds a fresh state; also gives the structure to restore into
@@ -441,16 +474,46 @@ class CheckpointManager:
         Returns:
           ``(state, step)``: ``step`` is the restored step, or None after ``init()``.
 
+        Raises:
+          jckpt.CorruptCheckpointError: every committed step is damaged (each is named).
+
         Example::
 
             state, step = mngr.restore_or_init(lambda: create_state(rng))
             start = 0 if step is None else step + 1
         """
         self._collect(raise_error=False)
-        step = self.latest_step()
-        if step is None:
-            return init(), None
-        return self.restore(like=jax.eval_shape(init) if like is None else like, step=step), step
+        skipped = []
+        for step in reversed(self.all_steps()):
+            if like is None:
+                like = jax.eval_shape(init)
+            restored, problems = self._restore_intact(like, step)
+            if not problems:
+                return restored, step
+            message = f"resuming: skipped damaged step {step} of {self._directory!r}: " + "; ".join(problems)
+            logger.warning("jckpt: %s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            skipped.append(message)
+        if skipped:
+            raise CorruptCheckpointError("no committed step restores intact:\n  " + "\n  ".join(skipped))
+        return init(), None
+
+    def _restore_intact(self, like: Any, step: int) -> tuple[Any, list[str]]:
+        """Restores ``step``; a damaged step gives the problems of every process instead (agreed by all)."""
+        result: list[Any] = [None]
+
+        def attempt() -> str:
+            try:
+                result[0] = self.restore(like=like, step=step)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                return f"process {multihost.process_index()}: {e}" if multihost.is_multihost() else str(e)
+            return ""
+
+        op = multihost.Operation("resume", os.fspath(self._directory), step)
+        problems = op.all_then_primary(
+            "restore", attempt, lambda found: [p for p in found if p], lambda: None
+        )
+        return result[0], problems
 
     # ------------------------------------------------------------- inspection
 

