@@ -48,6 +48,7 @@ from jckpt.root import Root
 
 KEY = "leases/writer.json"
 LOCK_FILE = "writer.lock"  # beside KEY on local roots: flocked while the lease is read and replaced
+LOCK_WAIT_SECONDS = 10.0  # a flock held longer than this is a stopped process's: fail, never hang
 DEFAULT_TTL_SECONDS = 120.0
 TTL_ENV = "JCKPT_LEASE_TTL_SECONDS"
 GRACE_FRACTION = 0.25  # others wait this fraction of the ttl past expiry (clock skew between hosts)
@@ -240,12 +241,33 @@ def _conditional_write(root: Root, value: bytes | None, generation: Any) -> tupl
             return True, None
 
 
+def _flock(lock: Any, path: str) -> None:
+    """An exclusive flock of ``lock`` within :data:`LOCK_WAIT_SECONDS`: a stopped holder never hangs us.
+
+    Raises:
+      RootLockedError: another process has held it that long (it is stopped, or its disk hangs).
+    """
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file is closed
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RootLockedError(
+                    f"{path} has been locked by another process for {LOCK_WAIT_SECONDS:g} s while it "
+                    "changes the writer lease (a stopped process?); try again later"
+                ) from None
+            time.sleep(0.01)
+
+
 def _local_conditional_write(target: str, value: bytes | None, expected: bytes | None) -> bool:
     directory = os.path.dirname(target)
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, LOCK_FILE), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        lock_path = os.path.join(directory, LOCK_FILE)
+        with open(lock_path, "a+b") as lock:
+            _flock(lock, lock_path)
             for name in os.listdir(directory):  # temporaries are only made under the flock: stale
                 if name.endswith(".tmp"):
                     os.unlink(os.path.join(directory, name))

@@ -58,13 +58,16 @@ LOCK_SUFFIX = ".__lock"
 REMOTE_DRIVERS = ("s3", "gcs")
 
 # Curl stall and connect limits, set (unless already set) before the first remote store is opened:
-# without them a server that accepts a connection and never answers hangs a request forever.
-# Tensorstore reads them once, when its HTTP transport starts.  JAX sets the same two on TPU VMs.
+# without them a server that accepts a connection and never answers, or a link that trickles,
+# holds a request forever.  A transfer slower than 16 KiB/s for 30 s is aborted (then retried, see
+# Retries); a healthy bucket moves megabytes a second, and 30 s covers a server's pause before it
+# answers a large PUT.  Tensorstore reads them once, when its HTTP transport starts.
 CURL_DEFAULTS = {
-    "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "60",
-    "TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES": "256",
+    "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "30",
+    "TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES": "16384",
     "TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS": "30",
 }
+RETRIES_ENV = "JCKPT_STORAGE_MAX_RETRIES"  # overrides Retries.max_retries
 
 
 class Retries(NamedTuple):
@@ -79,6 +82,20 @@ class Retries(NamedTuple):
     max_retries: int = 8
     initial_delay: str = "500ms"
     max_delay: str = "10s"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Retries:
+        """The defaults, with ``max_retries`` from ``$JCKPT_STORAGE_MAX_RETRIES`` where set.
+
+        Raises:
+          ValueError: the variable is not an integer >= 0.
+        """
+        raw = (os.environ if environ is None else environ).get(RETRIES_ENV)
+        if raw is None:
+            return cls()
+        if not raw.strip().isdigit():
+            raise ValueError(f"{RETRIES_ENV} must be an integer >= 0, got {raw!r}")
+        return cls(max_retries=int(raw))
 
 
 # -- locations and specs -------------------------------------------------------------------
@@ -249,11 +266,8 @@ def url(spec: dict[str, Any], key: str = "") -> str:
 # -- context and opening ---------------------------------------------------------------------
 
 
-DEFAULT_RETRIES = Retries()
-
-
 def context(
-    io_concurrency: int = 32, request_concurrency: int = 32, retries: Retries = DEFAULT_RETRIES
+    io_concurrency: int = 32, request_concurrency: int = 32, retries: Retries | None = None
 ) -> ts.Context:
     """A tensorstore context for one checkpoint root.
 
@@ -264,12 +278,12 @@ def context(
     Args:
       io_concurrency: local file operations in flight.
       request_concurrency: HTTP requests in flight per object-store driver.
-      retries: the backoff of transient HTTP errors.
+      retries: the backoff of transient HTTP errors (default :meth:`Retries.from_environment`).
 
     Returns:
       A new context; stores opened with it share its limits.
     """
-    backoff = retries._asdict()
+    backoff = (Retries.from_environment() if retries is None else retries)._asdict()
     return ts.Context(
         {
             "cache_pool": {"total_bytes_limit": 0},

@@ -14,7 +14,12 @@ On the way it
   (TCP RST) with no response, like a load balancer dying mid-request;
 - or, with ``down=True``, answers every request with 503 (a persistent outage);
 - or, with ``stall=True``, reads each request and never answers it (until
-  ``timeout`` seconds pass or the proxy stops): a hung server.
+  ``timeout`` seconds pass or the proxy stops): a hung server;
+- or, with ``trickle=N``, forwards each request but sends the answer's body at
+  N bytes per second: a link that moves, too slowly to ever finish.
+
+``only="leases/"`` limits the faults to requests whose path contains that text
+(the others are forwarded and counted as usual): a lease store that fails.
 
 Faults are drawn from a seeded ``random.Random``, so a run is reproducible for
 a given request order.  Everything is bounded: at most ``max_connections``
@@ -69,6 +74,7 @@ class FaultProxy:
       seed: seed of the fault draws.
       max_connections: client connections served at once.
       timeout: seconds an upstream connection may stall before the request fails with 502.
+      trickle: bytes per second of every answer's body (0: full speed).
 
     Raises:
       ValueError: for a non-http upstream or rates outside [0, 1].
@@ -84,6 +90,7 @@ class FaultProxy:
         seed: int = 0,
         max_connections: int = 64,
         timeout: float = 30.0,
+        trickle: int = 0,
     ):
         parsed = urllib.parse.urlsplit(upstream)
         if parsed.scheme != "http" or not parsed.hostname:
@@ -97,7 +104,8 @@ class FaultProxy:
         self.injected: collections.Counter[str] = collections.Counter()
         self._stopping = threading.Event()
         self.configure(
-            fail_rate=fail_rate, fail_status=fail_status, drop_rate=drop_rate, down=False, stall=False
+            fail_rate=fail_rate, fail_status=fail_status, drop_rate=drop_rate, down=False, stall=False,
+            trickle=trickle, only="",
         )
         self._slots = threading.BoundedSemaphore(max_connections)
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -113,6 +121,8 @@ class FaultProxy:
         drop_rate: float | None = None,
         down: bool | None = None,
         stall: bool | None = None,
+        trickle: int | None = None,
+        only: str | None = None,
     ) -> None:
         """Changes the faults of requests that arrive from now on (None keeps a setting).
 
@@ -131,6 +141,10 @@ class FaultProxy:
                 self.down = down
             if stall is not None:
                 self.stall = stall
+            if trickle is not None:
+                self.trickle = trickle
+            if only is not None:
+                self.only = only
 
     def reset_counts(self) -> None:
         """Zeroes :attr:`counts` and :attr:`injected`."""
@@ -173,14 +187,18 @@ class FaultProxy:
         self.stop()
 
     # -- per request --------------------------------------------------------
-    def _decide(self, method: str) -> str:
-        """Counts a request and returns its fate: "forward", "fail", "drop", "down" or "stall"."""
+    def _decide(self, method: str, path: str) -> str:
+        """Counts a request and returns its fate: "forward", "fail", "drop", "down", "stall" or "trickle"."""
         with self._lock:
             self.counts[method] += 1
-            if self.stall:
+            if self.only and self.only not in urllib.parse.unquote(path):
+                fate = "forward"
+            elif self.stall:
                 fate = "stall"
             elif self.down:
                 fate = "down"
+            elif self.trickle:
+                fate = "trickle"
             else:
                 draw = self._rng.random()
                 fate = (
@@ -233,7 +251,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _reply(
-        self, status: int, body: bytes, headers: list[tuple[str, str]] = (), length: str | None = None
+        self,
+        status: int,
+        body: bytes,
+        headers: list[tuple[str, str]] = (),
+        length: str | None = None,
+        trickle: int = 0,
     ) -> None:
         self.send_response(status)
         for name, value in headers:
@@ -241,8 +264,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # A HEAD answer carries the length of the body it did not send.
         self.send_header("Content-Length", length if self.command == "HEAD" and length else str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if not trickle:
             self.wfile.write(body)
+            return
+        piece = max(1, trickle // 10)  # ten writes a second
+        stopping = self.server.proxy._stopping
+        for start in range(0, len(body), piece):
+            if stopping.wait(piece / trickle):
+                return
+            try:
+                self.wfile.write(body[start : start + piece])
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
 
     def _reset(self) -> None:
         """Closes the connection with a TCP RST (SO_LINGER 0), no response sent."""
@@ -253,7 +289,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self) -> None:
         proxy = self.server.proxy
         body = self._body()
-        fate = proxy._decide(self.command)
+        fate = proxy._decide(self.command, self.path)
         if fate == "stall":
             proxy._stopping.wait(proxy.timeout)
             self._reset()
@@ -285,6 +321,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, data, headers, length = 502, f"faultproxy: upstream failed: {error}".encode(), [], None
         finally:
             upstream.close()
-        self._reply(status, data, headers, length)
+        self._reply(status, data, headers, length, trickle=proxy.trickle if fate == "trickle" else 0)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle

@@ -188,7 +188,7 @@ def location(request, tmp_path):
     return request.getfixturevalue({"s3": "s3_root", "gcs": "gcs_root"}[backend])
 
 
-def open_store(location, retries=storage.DEFAULT_RETRIES):
+def open_store(location, retries=None):
     spec = storage.kvstore_spec(location)
     return spec, storage.open_kvstore(spec, storage.context(retries=retries))
 
