@@ -17,12 +17,15 @@ its keys are referenced.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from jckpt import format as fmt
 from jckpt import lease, storage
 from jckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from jckpt.root import Root
+
+logger = logging.getLogger("jckpt")
 
 
 def _manifests(root: Root) -> list[fmt.Manifest]:
@@ -57,7 +60,7 @@ def _local_step_dirs(path: str) -> list[os.DirEntry]:
 
 
 def _data_dirs_on_disk(root: Root) -> set[str]:
-    path = storage.local_path(root.spec)
+    path = root.caps.local_path
     if path is None:
         return {"/".join(k.split("/")[:2]) for k in root.list("step_") if k.count("/") >= 2}
     out = set()
@@ -72,13 +75,13 @@ def discard(root: Root, data_dir: str) -> None:
     try:
         root.remove_tree(data_dir + "/")
         storage.prune_empty_dirs(root.spec, data_dir)
-    except Exception:  # the next save's remove_uncommitted retries
-        pass
+    except Exception as e:  # the next save's clean-up (or jckpt gc) retries
+        logger.warning("jckpt: could not remove the failed save's data %s: %s", root.where(data_dir), e)
 
 
 def _remove_stale_manifest_locks(root: Root) -> None:
     """Deletes the half-written manifests of killed commits (local roots)."""
-    path = storage.local_path(root.spec)
+    path = root.caps.local_path
     if path is None:
         return
     directory = os.path.join(path, fmt.MANIFESTS)
@@ -137,7 +140,7 @@ def remove_uncommitted(root: Root, *, dry_run: bool = False) -> list[str]:
 
 def _remove_empty_step_dirs(root: Root, committed: set[str]) -> None:
     """Removes empty ``step_*`` directories of uncommitted steps (a save killed right after its mkdir)."""
-    path = storage.local_path(root.spec)
+    path = root.caps.local_path
     if path is None:
         return
     for entry in _local_step_dirs(path):

@@ -93,7 +93,7 @@ class _Writer:
 
     def __init__(self, root: Root, data_dir: str, options: SaveOptions):
         self.root, self.data_dir, self.options = root, data_dir, options
-        self.self_describing = storage.local_path(root.spec) is not None
+        self.self_describing = root.caps.local_path is not None
         self.inflight: collections.deque = collections.deque()  # (write future, nbytes)
         self.inflight_bytes = 0
         self.bytes_written = 0
