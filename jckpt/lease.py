@@ -375,6 +375,8 @@ class Writer:
             )
             if not renewed:
                 self._take(data_dir, pins)
+            elif time.time() >= held.expires:  # renewed, but only after it expired: a gap, a new epoch
+                self.epoch += 1
         if self._thread is None:
             self._thread = threading.Thread(
                 target=_renew_loop, args=(weakref.ref(self), self._stop), name="jckpt-lease", daemon=True
