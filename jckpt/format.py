@@ -36,6 +36,7 @@ See docs/format.md for the full description.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -336,11 +337,13 @@ class StateRecord(NamedTuple):
     encoding: str
 
 
-class HostState(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class HostState:
     """A host-state leaf as :func:`jckpt.metadata` describes it (it is not an array).
 
     Restoring such a leaf sets the live object passed at its place in ``like``
-    (``set_state``, the generator's state) and returns that object.
+    (``set_state``, the generator's state) and returns that object.  A pytree
+    leaf (a dataclass, not a NamedTuple, so that trees keep it whole).
 
     Attributes:
       kind: "object" (an object with ``get_state``/``set_state``, e.g. a Grain

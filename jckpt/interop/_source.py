@@ -87,8 +87,9 @@ def resolve_step(directory: str | os.PathLike, step: int | str | None) -> int:
     return jckpt.info(directory, step).step
 
 
-def leaf_specs(directory: str | os.PathLike, step: int) -> list[LeafSpec]:
-    """The array leaves of a committed step (``None`` leaves left out), in key-path order.
+def leaf_specs(directory: str | os.PathLike, step: int) -> tuple[list[LeafSpec], list[str]]:
+    """The array leaves of a committed step (``None`` leaves left out), in key-path order, and the
+    paths of its host-state leaves (data iterators, host RNGs: not tensors, so not exported).
 
     PRNG keys are described by their key data (uint32), Python scalars as 0-d arrays.
 
@@ -99,14 +100,15 @@ def leaf_specs(directory: str | os.PathLike, step: int) -> list[LeafSpec]:
     root = Root(directory)
     root.check_version()
     manifest = root.read_manifest(fmt.check_step(step))
-    return [
+    specs = [
         LeafSpec(
             tuple(_KEY_ENTRY[kind](value) for kind, value in leaf.keys),
             jax.ShapeDtypeStruct(tuple(leaf.shape), _dtypes.by_name(leaf.dtype)),
         )
         for leaf in manifest.leaves
-        if leaf.storage != fmt.NONE
+        if leaf.storage not in (fmt.NONE, fmt.HOST)
     ]
+    return specs, [leaf.path for leaf in manifest.leaves if leaf.storage == fmt.HOST]
 
 
 def _host_like(struct: jax.ShapeDtypeStruct) -> np.ndarray:

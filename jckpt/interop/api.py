@@ -61,8 +61,10 @@ def export(
 
     Tensors are named by their key path joined with ``"."`` (``params.layers.0.kernel``);
     dtypes are kept (bf16 and fp8 natively in safetensors; see the format
-    modules for the others).  ``None`` leaves are left out; PRNG keys are
-    exported as their key data (uint32) and Python scalars as 0-d arrays.
+    modules for the others).  ``None`` leaves are left out, and so are host
+    states (data iterators, host RNGs: they are not tensors; a warning names
+    them); PRNG keys are exported as their key data (uint32) and Python scalars
+    as 0-d arrays.
 
     Leaves are restored (hash-checked) and written a group of at most
     ``jckpt.interop._source.GROUP_BYTES`` (64 MiB) at a time, a larger leaf
@@ -101,7 +103,13 @@ def export(
     if format == "safetensors":
         safetensors_lib.parse_size(max_shard_size)  # fail before reading anything
     step = _source.resolve_step(directory, step)
-    specs = _source.leaf_specs(directory, step)
+    specs, host_states = _source.leaf_specs(directory, step)
+    if host_states:
+        warnings.warn(
+            f"export of step {step}: host states are not tensors and are not exported: "
+            + ", ".join(host_states),
+            stacklevel=2,
+        )
     names = [_names.join(_source.names(spec)) for spec in specs]
     _names.check_unique((name, "/".join(_source.names(spec))) for name, spec in zip(names, specs))
     chosen = set(_names.select(names, select))
