@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import assert_trees_equal
+from servers import gcs_root, gcs_server, s3_root, s3_server, server_logs  # noqa: F401  (fixtures)
 
 import jckpt
 from jckpt import format as fmt
@@ -338,4 +339,72 @@ def test_an_older_root_upgraded_by_a_save_holding_host_state_reads_everything(tm
     assert restored["it"].get_state() == {"next_index": 1}
     del state["it"], restored["it"]
     assert_trees_equal(restored, state)
+    jckpt.verify(root)
+
+
+def test_an_async_save_holds_the_state_of_maybe_save_not_of_later_draws(tmp_path, monkeypatch):
+    """The background write is held until the loop has drawn the next batch: that batch is not in the save."""
+    from jckpt import api
+
+    release, real = __import__("threading").Event(), api.save_snapshot
+
+    def held(*args, **kwargs):
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "save_snapshot", held)
+    it, rng = iter(_dataset()), np.random.default_rng(0)
+    with jckpt.CheckpointManager(tmp_path, async_save=True) as mngr:
+        next(it), rng.random()
+        assert mngr.maybe_save(1, {"it": it, "rng": rng, "w": np.ones(2)})
+        after = (np.asarray(next(it)).tolist(), rng.random())  # drawn while the save is in flight
+        release.set()
+        mngr.wait()
+        like = {"it": iter(_dataset()), "rng": np.random.default_rng(5), "w": np.ones(2)}
+        restored = mngr.restore(like=like)
+    assert (np.asarray(next(restored["it"])).tolist(), restored["rng"].random()) == after
+
+
+def test_restore_or_init_sets_the_objects_init_returns(tmp_path):
+    calls = []
+
+    def init():
+        calls.append(1)
+        return {"w": jax.numpy.zeros(3), "it": iter(_dataset()), "rng": np.random.default_rng(0), "step": 0}
+
+    with jckpt.CheckpointManager(tmp_path) as mngr:
+        state, step = mngr.restore_or_init(init)
+        assert step is None and len(calls) == 1
+        for step in range(1, 4):
+            next(state["it"]), state["rng"].random()
+            state["w"] = state["w"] + 1
+            mngr.maybe_save(step, {**state, "step": step})
+        expected = (np.asarray(next(state["it"])).tolist(), state["rng"].random())
+    calls.clear()
+    with jckpt.CheckpointManager(tmp_path) as mngr:
+        state, step = mngr.restore_or_init(init)
+    assert step == 3 and state["step"] == 3 and state["w"].tolist() == [3, 3, 3]
+    assert isinstance(state["w"], jax.Array)
+    assert len(calls) == 2  # traced once (jax.eval_shape), called once for its live objects
+    assert (np.asarray(next(state["it"])).tolist(), state["rng"].random()) == expected
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_host_states_on_object_stores_full_incremental_and_large(request, backend):
+    """A 2 MiB state beside arrays, then an incremental save where only the iterator moved."""
+    root = request.getfixturevalue(f"{backend}_root")
+    big = BadState({"buffer": "x" * (2 * 2**20)})
+    it, rng = iter(_dataset()), np.random.default_rng(0)
+    state = {"w": np.arange(70_000, dtype=np.float32), "big": big, "it": it, "rng": rng}
+    jckpt.save(root, state, step=1)
+    next(it)
+    info = jckpt.save(root, state, step=2, kind="incremental")
+    assert info.bytes_written < 4096 and info.host_states == 3
+    expected = (np.asarray(next(it)).tolist(), rng.random())
+    jckpt.delete(root, 1)  # the reused state lives in step 1's data directory: kept for step 2
+    like = {"w": np.zeros(70_000, np.float32), "big": BadState(None), "it": iter(_dataset()),
+            "rng": np.random.default_rng(7)}  # fmt: skip
+    restored = jckpt.restore(root, like=like)
+    assert restored["big"].state == big.state
+    assert (np.asarray(next(restored["it"])).tolist(), restored["rng"].random()) == expected
     jckpt.verify(root)
