@@ -408,3 +408,39 @@ def test_host_states_on_object_stores_full_incremental_and_large(request, backen
     assert restored["big"].state == big.state
     assert (np.asarray(next(restored["it"])).tolist(), restored["rng"].random()) == expected
     jckpt.verify(root)
+
+
+def test_import_from_orbax_brings_grain_iterator_items_as_host_states(tmp_path):
+    """An Orbax CheckpointManager step with a PyTree item and Grain iterator items (Grain's handler)."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    it, loader = iter(_dataset()), iter(_loader())
+    for _ in range(3):
+        next(it), next(loader)
+    items = ("state", "data_iter", "loader")
+    with ocp.CheckpointManager(tmp_path / "orbax", item_names=items) as mngr:
+        mngr.save(5, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"w": np.arange(4.0)}),
+            data_iter=grain.checkpoint.CheckpointSave(it),
+            loader=grain.checkpoint.CheckpointSave(loader),
+        ))  # fmt: skip
+        mngr.wait_until_finished()
+    expected = (np.asarray(next(it)).tolist(), np.asarray(next(loader)).tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = jckpt.import_from(tmp_path / "orbax" / "5", tmp_path / "ckpt", step=5)
+    assert info.host_states == 2
+    like = {"w": np.zeros(4), "data_iter": iter(_dataset()), "loader": iter(_loader())}  # one PyTree item
+    restored = jckpt.restore(tmp_path / "ckpt", like=like)
+    assert restored["w"].tolist() == [0, 1, 2, 3]
+    assert tuple(np.asarray(next(restored[k])).tolist() for k in ("data_iter", "loader")) == expected
+
+    two = tmp_path / "two"  # the same step as if written by 2 processes: not importable by one process
+    shutil.copytree(tmp_path / "orbax" / "5", two)
+    (two / "data_iter" / "process_0-of-1.json").rename(two / "data_iter" / "process_0-of-2.json")
+    (two / "data_iter" / "process_1-of-2.json").write_text('{"next_index": 1}')
+    with pytest.warns(UserWarning, match="data_iter .Grain iterator states of 2 processes"):
+        info = jckpt.import_from(two, tmp_path / "ckpt", step=6)
+    assert info.host_states == 1 and "data_iter" in info.metadata["skipped"][0]

@@ -17,6 +17,7 @@ The origin of an import is recorded in the step's lineage
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -162,6 +163,26 @@ def read_leaves(
                 node = node[part]
             yield spec, np.asarray(node.pop(last))
         del restored
+
+
+class ImportedState:
+    """A data iterator's state read from another checkpoint (an Orbax item written by Grain's handler):
+    saved as a host state, it restores into the live iterator (``like``) with ``set_state``.
+
+    A Grain ``DataLoader`` iterator takes its state as JSON bytes, a ``DatasetIterator`` as the parsed
+    value: the text is kept as bytes when it is a DataLoader's (it names a sampler), else parsed.
+    """
+
+    def __init__(self, text: str):
+        doc = json.loads(text)
+        loader = isinstance(doc, dict) and {"last_seen_indices", "sampler"} <= doc.keys()
+        self.state = text.encode() if loader else doc
+
+    def get_state(self) -> Any:
+        return self.state
+
+    def set_state(self, state: Any) -> None:
+        self.state = state
 
 
 def save_imported(

@@ -222,6 +222,27 @@ def _nest_names(tensors: list[tuple[str, Any]], source: str) -> dict:
         raise UnsupportedSourceError(f"{source!r}: tensor names do not form a tree: {e}") from e
 
 
+def _grain_items(source: str, skipped: list[str], tree: dict) -> list[str]:
+    """Puts the Grain iterator items among ``skipped`` into ``tree`` as host states; returns the rest."""
+    left = []
+    for name in skipped:
+        directory = os.path.join(source, name)
+        texts = orbax_lib.grain_states(directory) if os.path.isdir(directory) else None
+        why = ""
+        if texts is not None and len(texts) > 1:
+            why = f" (Grain iterator states of {len(texts)} processes: only a single process's are imported)"
+        elif texts is not None and name in tree:
+            why = f" (a Grain iterator state, but {name!r} is taken by the arrays)"
+        if texts is None or why:
+            left.append(name + why)
+            continue
+        try:
+            tree[name] = _source.ImportedState(texts[0])
+        except ValueError:
+            left.append(f"{name} (not JSON)")
+    return left
+
+
 def import_from(
     source: str | os.PathLike,
     directory: str | os.PathLike,
@@ -241,8 +262,11 @@ def import_from(
     For Orbax, the saved tree with lists where Orbax recorded sequences, numpy
     arrays, Orbax scalars as numpy scalars; with several PyTree items (a
     CheckpointManager step), ``{item name: tree}``.  Dtypes are kept exactly.
-    String leaves and non-PyTree items cannot be stored and are skipped with a
-    warning (listed in the step's metadata under ``"skipped"``).
+    An Orbax item written by Grain's checkpoint handler (a data iterator's state)
+    of a single-process run becomes a host state under its item name: restore it
+    into the live iterator (``like={..., name: iterator}``).  String leaves and
+    other non-PyTree items cannot be stored and are skipped with a warning
+    (listed in the step's metadata under ``"skipped"``).
 
     Memory: safetensors files and uncompressed npz members are memory-mapped
     and handed to ``jckpt.save`` as they are (their pages are page cache, not
@@ -299,11 +323,12 @@ def import_from(
             with _progress.bar("import orbax", plan.nbytes, progress) as bar:
                 tree = orbax_lib.read(plan, spool, bar)
             metrics = found.metrics
-            if plan.skipped:
-                extra["skipped"] = plan.skipped
+            skipped = _grain_items(source, plan.skipped, tree)
+            if skipped:
+                extra["skipped"] = skipped
                 warnings.warn(
                     f"import_from({source!r}): not imported (jckpt stores arrays, scalars and None only): "
-                    + ", ".join(plan.skipped),
+                    + ", ".join(skipped),
                     stacklevel=2,
                 )
         with _progress.bar(f"import {format}: saving step {step}", None, progress):
