@@ -217,7 +217,9 @@ class _Base:
 
     def piece(self, record: fmt.LeafRecord, region: tuple, digest: str) -> fmt.Piece | None:
         piece, compat = self.pieces.get((record.path, region), (None, None))
-        if piece is None or compat != (record.stored_dtype, record.shape) or piece.digest != digest:
+        if piece is None or piece.nbytes == 0:  # zero-size: in no blob, nothing to reuse
+            return None
+        if compat != (record.stored_dtype, record.shape) or piece.digest != digest:
             return None
         return piece
 

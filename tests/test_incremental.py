@@ -223,7 +223,6 @@ def test_incremental_save_of_small_leaves_writes_only_the_changed_ones(tmp_path,
     jckpt.verify(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="a reused zero-size piece names no blob")
 def test_an_incremental_save_of_a_zero_size_leaf(tmp_path):
     """A zero-size packed leaf has no bytes in any blob: nothing to reuse, nothing to look up."""
     state = {"empty": np.zeros((0, 3), np.float32), "w": np.ones(3)}
