@@ -444,3 +444,25 @@ def test_import_from_orbax_brings_grain_iterator_items_as_host_states(tmp_path):
     with pytest.warns(UserWarning, match="data_iter .Grain iterator states of 2 processes"):
         info = jckpt.import_from(two, tmp_path / "ckpt", step=6)
     assert info.host_states == 1 and "data_iter" in info.metadata["skipped"][0]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda doc, leaf: leaf["states"].append(list(leaf["states"][0])),  # process 0 twice
+        lambda doc, leaf: leaf["states"].clear(),  # no state at all
+        lambda doc, leaf: leaf["states"][0].__setitem__(3, 10**9),  # outside its blob
+        lambda doc, leaf: leaf["states"][0].__setitem__(5, "pickle"),  # an unknown encoding
+        lambda doc, leaf: leaf["extra"].__setitem__("host_type", "os.system"),  # an unknown kind
+        lambda doc, leaf: doc.__setitem__("version", 3),  # host states in a version-3 manifest
+    ],
+)
+def test_a_well_checksummed_manifest_with_bad_host_states_is_corruption(tmp_path, damage):
+    jckpt.save(tmp_path, {"it": iter(_dataset()), "w": np.ones(3)}, step=2)
+    path = tmp_path / fmt.manifest_key(2)
+    doc = json.loads(path.read_bytes())
+    damage(doc, next(leaf for leaf in doc["leaves"] if leaf["path"] == "it"))
+    path.write_bytes(fmt.encode_document(doc))
+    for call in (jckpt.restore, jckpt.verify, jckpt.metadata):
+        with pytest.raises(jckpt.CorruptCheckpointError, match="step 2"):
+            call(tmp_path)
