@@ -11,6 +11,7 @@ import contextlib
 import gc as gc_module
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -144,7 +145,9 @@ def metadata(directory: str | os.PathLike, step: int | str | None = None) -> Any
 
     Read from the manifest alone.  The tree is nested dicts and lists (as
     :func:`restore` without ``like`` builds it); None leaves stay None, Python
-    scalars are ``ShapeDtypeStruct((), dtype)``.  It can be passed as ``like``.
+    scalars are ``ShapeDtypeStruct((), dtype)``, host-state leaves (data
+    iterators, host RNGs) are :class:`jckpt.HostState` records.  It can be
+    passed as ``like``.
 
     Example:
       >>> like = metadata("/tmp/ckpt")  # doctest: +SKIP
@@ -155,6 +158,8 @@ def metadata(directory: str | os.PathLike, step: int | str | None = None) -> Any
     def struct(leaf: fmt.LeafRecord) -> Any:
         if leaf.storage == fmt.NONE:
             return None
+        if leaf.storage == fmt.HOST:
+            return fmt.HostState(leaf.extra["host_type"], leaf.extra["class"], len(leaf.states), leaf.nbytes)
         if "prng_impl" in leaf.extra:
             impl = leaf.extra["prng_impl"]
             data = jax.ShapeDtypeStruct(leaf.shape, np.dtype(leaf.dtype))
@@ -382,28 +387,47 @@ def restore(
     *,
     step: int | str | None = None,
     progress: bool | None = False,
+    map_states: Callable[[str, list[Any]], Sequence[Any]] | None = None,
 ) -> Any:
     """Restores a committed step (default: the latest), verifying every chunk's hash.
+
+    Host-state leaves (saved from objects with ``get_state()``/``set_state()``,
+    ``numpy.random.Generator`` and ``random.Random``) were saved once per
+    process: each process gets its own.  The live object at that place in
+    ``like`` is set (``set_state(state)``, the generator's state) and returned
+    in the tree; without one, a generator comes back as a new generator and any
+    other object as its saved state (what ``get_state()`` returned; tuples as lists).
 
     Args:
       directory: the checkpoint root.
       like: optional pytree of arrays / ``jax.ShapeDtypeStruct`` (with or without
-        ``.sharding``) / Python scalars / None giving the result's structure,
-        dtypes (cast if they differ) and shardings (each device reads only its
-        regions).  It may name a subset of the saved leaves by key path.
-        Without it, the saved tree comes back as nested dicts and lists
-        (NamedTuples and dataclasses become dicts of their fields, tuples
-        become lists), jax arrays on the default device, numpy arrays as numpy,
-        Python scalars as Python scalars.
+        ``.sharding``) / Python scalars / None / host objects giving the
+        result's structure, dtypes (cast if they differ) and shardings (each
+        device reads only its regions).  It may name a subset of the saved
+        leaves by key path.  Without it, the saved tree comes back as nested
+        dicts and lists (NamedTuples and dataclasses become dicts of their
+        fields, tuples become lists), jax arrays on the default device, numpy
+        arrays as numpy, Python scalars as Python scalars.
       step: the step (or tag name) to restore; None for the latest committed one.
       progress: a progress bar on stderr (None: only when stderr is a terminal).
+      map_states: needed only to restore host states with another number of
+        processes than saved them: ``map_states(path, saved)`` gets a leaf's
+        path and its saved states (one per saving process, in process order)
+        and returns one state per process of this run (``jax.process_count()``
+        of them); each process takes its own (docs/quickstart.md shows one for
+        Grain's sharding).  It is called on every process, with the same
+        arguments.
 
     Returns:
       The restored pytree.
 
     Raises:
       CheckpointNotFoundError: no checkpoint / no such step.
-      TreeMismatchError: ``like`` names paths the checkpoint lacks, or shapes differ.
+      TreeMismatchError: ``like`` names paths the checkpoint lacks, shapes differ,
+        or a host object in ``like`` is not of the kind saved there.
+      ValueError: host states saved by another number of processes than this
+        run's, without ``map_states`` (names both counts and the leaf), or a
+        ``set_state`` that failed (names the leaf).
       CorruptCheckpointError: a chunk fails its hash (names step, leaf and chunk).
       UnsupportedFormatError: written by a newer jckpt format version.
 
@@ -411,10 +435,37 @@ def restore(
       >>> state = restore("/tmp/ckpt", like={"w": jax.ShapeDtypeStruct((3,), np.float32)})  # doctest: +SKIP
     """
     with _gc_paused():
-        return _restore(directory, like, step, progress)
+        return _restore(directory, like, step, progress, map_states)
 
 
-def _restore(directory, like, step, progress) -> Any:
+def _state_plan(manifest: fmt.Manifest, leaf: fmt.LeafRecord, target: read_lib.Target, mapped: bool):
+    """The plan of a host-state leaf: this process's state, or every saved one when they are mapped."""
+    saved, count = len(leaf.states), jax.process_count()
+    if saved == count:
+        return read_lib.StatePlan(leaf, target, [jax.process_index()], manifest.step)
+    if not mapped:
+        raise ValueError(
+            f"step {manifest.step}, leaf {leaf.path!r}: its host state was saved by {saved} process(es), "
+            f"this run has {count}; pass map_states= to jckpt.restore to map the saved per-process "
+            "states to this run's processes"
+        )
+    return read_lib.StatePlan(leaf, target, range(saved), manifest.step)
+
+
+def _own_state(plan: read_lib.StatePlan, map_states) -> Any:
+    """This process's state of a host-state leaf (mapped by ``map_states`` from every saved one)."""
+    if len(plan.states) == 1 and len(plan.leaf.states) == jax.process_count():
+        return plan.states[0]
+    mapped = list(map_states(plan.leaf.path, list(plan.states)))
+    if len(mapped) != jax.process_count():
+        raise ValueError(
+            f"leaf {plan.leaf.path!r}: map_states returned {len(mapped)} states for "
+            f"{jax.process_count()} process(es)"
+        )
+    return mapped[jax.process_index()]
+
+
+def _restore(directory, like, step, progress, map_states=None) -> Any:
     root, manifest = open_step(directory, step)
     if like is None:
         targets = [(leaf, read_lib.default_target(leaf)) for leaf in manifest.leaves]
@@ -439,12 +490,21 @@ def _restore(directory, like, step, progress) -> Any:
     wanted = [
         leaf is not None and leaf.storage != fmt.NONE and target.kind != "none" for leaf, target in targets
     ]
-    plans = [read_lib.LeafPlan(leaf, target) for (leaf, target), w in zip(targets, wanted) if w]
+    chosen = [(leaf, target) for (leaf, target), w in zip(targets, wanted) if w]
+    plans = [read_lib.LeafPlan(leaf, target) for leaf, target in chosen if target.kind != "host"]
+    host_plans = [
+        _state_plan(manifest, leaf, target, map_states is not None) for leaf, target in chosen
+        if target.kind == "host"
+    ]
     bar = _bar(f"restore step {manifest.step}", manifest, progress)
     with _deleted_meanwhile(root, manifest.step), bar as shown:
-        read_lib.read_plans(root, manifest, plans, shown.advance)
-    values = iter(place.finish(plans))
-    results = [next(values) if w else None for w in wanted]
+        read_lib.read_plans(root, manifest, [*plans, *host_plans], shown.advance)
+    arrays = iter(place.finish(plans))
+    objects = iter(place.set_states(host_plans, [_own_state(p, map_states) for p in host_plans]))
+    results = [
+        (next(objects) if target.kind == "host" else next(arrays)) if w else None
+        for (_, target), w in zip(targets, wanted)
+    ]
     if treedef is None:
         return tree.nest([(leaf.keys, value) for (leaf, _), value in zip(targets, results)])
     return jax.tree_util.tree_unflatten(treedef, results)

@@ -166,19 +166,22 @@ def _ls(args) -> None:
     if args.json:
         print(json.dumps([_info_json(i, tags.get(i.step, []), args.all) for i in infos], indent=1))
         return
+    host = any(i.host_states for i in infos)  # a column only for roots that hold host states
     rows = [
         [
             i.step,
             i.kind if i.base_step is None else f"{i.kind} (base {i.base_step})",
             _size(i.bytes_written),
             _size(i.bytes_total),
+            *([i.host_states] if host else []),
             _date(i.created),
             ",".join(tags.get(i.step, [])),
             _metrics(i.metrics),
         ]
         for i in infos
     ]
-    print(_table(rows, ["step", "kind", "written", "total", "created", "tags", "metrics"]))
+    headers = ["step", "kind", "written", "total", *(["host states"] if host else []), "created", "tags"]
+    print(_table(rows, [*headers, "metrics"]))
     if rows:
         print("\n" + SIZES_NOTE)
 
@@ -194,10 +197,11 @@ def _info(args) -> None:
     leaves = [
         {
             "path": leaf.path,
-            "dtype": leaf.dtype or "None",
+            "dtype": leaf.extra["host_type"] if leaf.storage == fmt.HOST else leaf.dtype or "None",
             "shape": list(leaf.shape),
             "storage": leaf.storage,
-            "chunks": len(leaf.chunks) if leaf.storage == fmt.CHUNKED else len(leaf.pieces),
+            "chunks": len(leaf.chunks) if leaf.storage == fmt.CHUNKED
+            else len(leaf.states) if leaf.storage == fmt.HOST else len(leaf.pieces),
             "nbytes": leaf.nbytes,
         }
         for leaf in manifest.leaves
@@ -211,6 +215,8 @@ def _info(args) -> None:
     print(f"created   {_date(info.created)}, save took {info.save_seconds:.3g} s")
     print(f"size      {_size(info.bytes_total)} total, {_size(info.bytes_written)} written by this save")
     print(f"metrics   {_metrics(info.metrics) or '-'}")
+    if info.host_states:
+        print(f"host      {info.host_states} host state(s) (data iterators, RNGs), one per process")
     metadata = _user_metadata(info.metadata, args.all)
     print(f"metadata  {json.dumps(metadata) if metadata else '-'}")
     lineage = info.lineage or {}
@@ -225,8 +231,8 @@ def _info(args) -> None:
                 value = f"{value} x{lineage.get('device_count')}, meshes {lineage.get('mesh_shapes')}"
             print(f"{key:<9} {value}")
     rows = [
-        [x["path"], x["dtype"], x["shape"] if x["storage"] != "none" else "", x["storage"], x["chunks"],
-         _size(x["nbytes"])]
+        [x["path"], x["dtype"], x["shape"] if x["storage"] not in ("none", "host") else "", x["storage"],
+         x["chunks"], _size(x["nbytes"])]
         for x in leaves
     ]
     print()

@@ -3,7 +3,8 @@
 Leaves whose stored hashes are equal are equal without reading a byte; the
 others are read one bounded group at a time (hash-checked, like any restore)
 and compared in float64: the maximum absolute difference and the relative L2
-difference ``||a - b|| / ||a||``.
+difference ``||a - b|| / ||a||``.  Host states (data iterators, host RNGs) are
+"same" or "changed", compared by the hashes of every process's state.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class LeafDiff(NamedTuple):
       path: the leaf's key path.
       status: "same", "changed", "added" (only in B), "removed" (only in A),
         "shape" (shape differs), "dtype" (dtype differs).
-      a: "dtype[shape]" in A ("" when absent); b: the same in B.
+      a: "dtype[shape]" in A ("" when absent; host states: "host state (<kind>) x<processes>");
+        b: the same in B.
       max_abs: max |a - b| for "changed" leaves (None otherwise).
       rel_l2: ||a - b|| / ||a|| for "changed" leaves (inf when ||a|| is 0).
     """
@@ -44,6 +46,8 @@ class LeafDiff(NamedTuple):
 def _describe(leaf: fmt.LeafRecord | None) -> str:
     if leaf is None:
         return ""
+    if leaf.storage == fmt.HOST:
+        return f"host state ({leaf.extra['host_type']}) x{len(leaf.states)}"
     return "None" if leaf.storage == fmt.NONE else f"{leaf.dtype}{list(leaf.shape)}"
 
 
@@ -54,6 +58,10 @@ def _fingerprint(leaf: fmt.LeafRecord) -> tuple | None:
     if leaf.storage == fmt.PACKED and all(p.digest for p in leaf.pieces):
         return tuple(sorted((p.region, p.digest) for p in leaf.pieces))
     return ("none",) if leaf.storage == fmt.NONE else None
+
+
+def _states(leaf: fmt.LeafRecord) -> list[tuple[str, str]]:
+    return [(s.digest, s.encoding) for s in leaf.states]
 
 
 def _groups(pairs: list[tuple[fmt.LeafRecord, fmt.LeafRecord]]) -> Iterator[list]:
@@ -110,9 +118,12 @@ def diff(
         described = (_describe(leaf_a), _describe(leaf_b))
         if leaf_a is None or leaf_b is None:
             out[path] = LeafDiff(path, "added" if leaf_a is None else "removed", *described)
-        elif leaf_a.storage == fmt.NONE or leaf_b.storage == fmt.NONE:
-            same = leaf_a.storage == leaf_b.storage
-            out[path] = LeafDiff(path, "same" if same else "dtype", *described)
+        elif fmt.NONE in (leaf_a.storage, leaf_b.storage) or fmt.HOST in (leaf_a.storage, leaf_b.storage):
+            if leaf_a.storage != leaf_b.storage or leaf_a.extra != leaf_b.extra:
+                out[path] = LeafDiff(path, "dtype", *described)
+            else:  # both None, or host states of the same kind: equal iff every process's state hashes equal
+                same = _states(leaf_a) == _states(leaf_b)
+                out[path] = LeafDiff(path, "same" if same else "changed", *described)
         elif leaf_a.shape != leaf_b.shape:
             out[path] = LeafDiff(path, "shape", *described)
         elif leaf_a.dtype != leaf_b.dtype:

@@ -6,7 +6,13 @@ only this module knows their JSON, and it validates what it reads, so a
 damaged document is a :class:`CorruptCheckpointError` naming the step and the
 file, never a ``KeyError`` or wrong data.
 
-Version 3 (written now) adds to version 2 a manifest field ``codecs``: the
+Version 4 (written now) adds a leaf storage kind ``host``: the state of a
+host-side object (a data iterator's ``get_state()``, a numpy ``Generator``'s
+bit-generator state, a ``random.Random``'s ``getstate()``), one per process,
+each stored as bytes in that process's packed blob with its own hash
+(:class:`StateRecord`).
+
+Version 3 adds to version 2 a manifest field ``codecs``: the
 chunk codec of every data directory the manifest reads from, so a reader opens
 each array with its metadata taken from the manifest (no request) and a writer
 on an object store skips the per-array ``zarr.json`` (one request per chunk).
@@ -30,6 +36,7 @@ See docs/format.md for the full description.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -43,7 +50,7 @@ import xxhash
 from jckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT = "jckpt"
-VERSION = 3
+VERSION = 4
 HASH = "xxh3_128"
 
 ROOT_MARKER = "jckpt.json"
@@ -55,8 +62,13 @@ V1_MANIFEST = "manifest.json"  # version 1: step_<N>/manifest.json
 NONE = "none"
 CHUNKED = "chunked"
 PACKED = "packed"
-STORAGE_KINDS = (NONE, CHUNKED, PACKED)
-ORIGINS = ("jax", "numpy", "python", "none")
+HOST = "host"  # version 4: per-process states of host objects (see StateRecord)
+STORAGE_KINDS = (NONE, CHUNKED, PACKED, HOST)
+ORIGINS = ("jax", "numpy", "python", "none", "host")
+# What a host-state leaf was (LeafRecord.extra["host_type"]): an object with get_state()/set_state(),
+# a numpy.random.Generator (its bit_generator.state) or a random.Random (getstate()/setstate()).
+HOST_TYPES = ("object", "numpy.random.Generator", "random.Random")
+STATE_ENCODINGS = ("json", "bytes")  # how a state's bytes encode it
 KINDS = ("full", "incremental")
 
 PACK_LIMIT_BYTES = 256 * 2**10  # leaves (or shards) of at most this many bytes are packed into blobs
@@ -227,6 +239,47 @@ def json_value(value: Any, what: str) -> Any:
         raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
 
 
+def encode_state(value: Any, what: str) -> tuple[str, bytes]:
+    """A host object's state as ``(encoding, bytes)``: ``bytes`` as they are, JSON-like values as JSON.
+
+    JSON-like: dicts with string keys, lists and tuples (read back as lists), strings,
+    numbers, bools and None, nested; dict order is kept.
+
+    Raises:
+      TypeError: anything else (names ``what``).
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(value)
+    stack, seen = [value], set()
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue  # shared (or cyclic: json.dumps refuses that below)
+            seen.add(id(node))
+            if isinstance(node, dict):
+                key = next((k for k in node if not isinstance(k, str)), "")
+                if key != "":
+                    raise TypeError(f"{what}: state dict keys must be strings, got {key!r}")
+                stack.extend(node.values())
+            else:
+                stack.extend(node)
+        elif not (node is None or isinstance(node, (str, int, float))):
+            raise TypeError(
+                f"{what}: a state must be bytes or JSON-like (dicts with string keys, lists, strings, "
+                f"numbers, bools, None); it holds a {type(node).__name__}: {node!r:.80}"
+            )
+    try:
+        return "json", json.dumps(value, separators=(",", ":"), allow_nan=True).encode()
+    except (TypeError, ValueError, RecursionError) as e:
+        raise TypeError(f"{what}: the state cannot be encoded as JSON: {e}") from e
+
+
+def decode_state(encoding: str, raw: bytes) -> Any:
+    """The state :func:`encode_state` encoded."""
+    return bytes(raw) if encoding == "bytes" else json.loads(bytes(raw))
+
+
 # ------------------------------------------------------------------ records
 
 
@@ -264,22 +317,66 @@ class BlobRecord(NamedTuple):
     chunks: dict[str, tuple[str, str]]
 
 
+class StateRecord(NamedTuple):
+    """One process's state of a host-state leaf, stored as bytes in that process's blob.
+
+    Attributes:
+      process: the index of the process that saved it.
+      blob: the id of the blob holding the bytes (a key of ``Manifest.blobs``).
+      offset: byte offset in the blob.
+      nbytes: byte length.
+      digest: xxh3-128 of the bytes.
+      encoding: "json" (a JSON-like state, as UTF-8 JSON) or "bytes" (as returned).
+    """
+
+    process: int
+    blob: str
+    offset: int
+    nbytes: int
+    digest: str
+    encoding: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HostState:
+    """A host-state leaf as :func:`jckpt.metadata` describes it (it is not an array).
+
+    Restoring such a leaf sets the live object passed at its place in ``like``
+    (``set_state``, the generator's state) and returns that object.  A pytree
+    leaf (a dataclass, not a NamedTuple, so that trees keep it whole).
+
+    Attributes:
+      kind: "object" (an object with ``get_state``/``set_state``, e.g. a Grain
+        iterator), "numpy.random.Generator" or "random.Random".
+      type_name: the saved object's class, e.g. ``"grain._src...DataLoaderIterator"``.
+      process_count: how many processes saved a state (one each).
+      nbytes: the states' size in bytes, all processes together.
+    """
+
+    kind: str
+    type_name: str
+    process_count: int
+    nbytes: int
+
+
 class LeafRecord(NamedTuple):
     """One leaf of a checkpoint.
 
     Attributes:
       path: the key path string (see ``jckpt.tree``).
       keys: the key-path parts, ``[(kind, key), ...]``, to rebuild the tree without ``like``.
-      origin: "jax", "numpy", "python" or "none" (a None leaf).
-      storage: "none", "chunked" or "packed".
+      origin: "jax", "numpy", "python", "none" (a None leaf) or "host" (a host-state leaf).
+      storage: "none", "chunked", "packed" or "host".
       dtype: the logical dtype name ("" for None leaves).
       stored_dtype: the dtype written (an unsigned view for dtypes zarr3 lacks).
       shape: the (key-data) shape.
-      extra: ``prng_impl`` (typed PRNG keys), ``py_type`` (Python scalars), ``numpy_scalar``.
+      extra: ``prng_impl`` (typed PRNG keys), ``py_type`` (Python scalars), ``numpy_scalar``;
+        host states: ``host_type`` (one of HOST_TYPES) and ``class`` (the object's class).
       array: chunked: the array's directory name in its data directories.
       chunk_shape: chunked: the chunk shape.
       chunks: chunked: chunk name ("1.0") -> (digest, data directory holding it).
       pieces: packed: where each region of the leaf lives.
+      states: host: one state per process of the save, in process order.
     """
 
     path: str
@@ -294,12 +391,15 @@ class LeafRecord(NamedTuple):
     chunk_shape: tuple[int, ...] = ()
     chunks: dict[str, tuple[str, str]] = {}
     pieces: tuple[Piece, ...] = ()
+    states: tuple[StateRecord, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        """The leaf's logical size in bytes (0 for None leaves)."""
+        """The leaf's logical size in bytes (0 for None leaves; host states: their bytes)."""
         if self.storage == NONE:
             return 0
+        if self.storage == HOST:
+            return sum(state.nbytes for state in self.states)
         return np.dtype(self.stored_dtype).itemsize * math.prod(self.shape)
 
 
@@ -319,6 +419,8 @@ class CheckpointInfo(NamedTuple):
       base_step: the step an incremental save compared against (None for a full save).
       lineage: where it came from: versions, processes and devices, host, command,
         git commit, the origin of an import (see ``jckpt.lineage``).
+      host_states: how many leaves are host states (data iterators, host RNGs), each
+        saved once per process.
     """
 
     step: int
@@ -331,6 +433,7 @@ class CheckpointInfo(NamedTuple):
     save_seconds: float
     base_step: int | None = None
     lineage: dict | None = None
+    host_states: int = 0
 
 
 class Manifest(NamedTuple):
@@ -378,6 +481,7 @@ class Manifest(NamedTuple):
             save_seconds=self.save_seconds,
             base_step=self.base_step,
             lineage=self.lineage,
+            host_states=sum(leaf.storage == HOST for leaf in self.leaves),
         )
 
     def to_json(self) -> bytes:
@@ -407,7 +511,7 @@ class Manifest(NamedTuple):
 
     @classmethod
     def from_json(cls, raw: bytes, *, step: int, where: str) -> Manifest:
-        """Parses and validates a manifest of version 1, 2 or 3.
+        """Parses and validates a manifest of version 1, 2, 3 or 4.
 
         Raises:
           CorruptCheckpointError: damaged (bad JSON, checksum, missing or mistyped
@@ -459,8 +563,9 @@ class Fragment(NamedTuple):
       plan: a digest of the planned leaves (every process must plan the same tree).
       chunks: leaf path -> {chunk name: (digest, data directory)} of chunked leaves.
       pieces: leaf path -> pieces of packed leaves this process holds.
-      blobs: blob id -> record, for the blobs its pieces live in (new and reused).
+      blobs: blob id -> record, for the blobs its pieces and states live in (new and reused).
       bytes_written: array bytes this process wrote.
+      states: leaf path -> [this process's state] of host-state leaves.
     """
 
     plan: str
@@ -468,6 +573,7 @@ class Fragment(NamedTuple):
     pieces: dict[str, list[Piece]]
     blobs: dict[str, BlobRecord]
     bytes_written: int
+    states: dict[str, list[StateRecord]] = {}
 
     def to_json(self) -> dict[str, Any]:
         """JSON data for the multi-host coordination service."""
@@ -477,6 +583,7 @@ class Fragment(NamedTuple):
             "pieces": {path: [_piece_to_json(p) for p in ps] for path, ps in self.pieces.items()},
             "blobs": {k: _blob_to_json(b) for k, b in self.blobs.items()},
             "bytes_written": self.bytes_written,
+            "states": {path: [list(s) for s in ss] for path, ss in self.states.items()},
         }
 
     @classmethod
@@ -487,6 +594,7 @@ class Fragment(NamedTuple):
             pieces={p: [_piece_from_json(x) for x in ps] for p, ps in doc["pieces"].items()},
             blobs={k: _blob_from_json(b) for k, b in doc["blobs"].items()},
             bytes_written=int(doc["bytes_written"]),
+            states={p: [_state_from_json(x) for x in ss] for p, ss in doc["states"].items()},
         )
 
 
@@ -524,6 +632,9 @@ def _leaf_to_json(leaf: LeafRecord) -> dict[str, Any]:
     }
     if leaf.storage == NONE:
         return doc
+    if leaf.storage == HOST:
+        doc.update(extra=leaf.extra, states=[list(state) for state in leaf.states])
+        return doc
     doc.update(dtype=leaf.dtype, stored_dtype=leaf.stored_dtype, shape=list(leaf.shape), extra=leaf.extra)
     if leaf.storage == CHUNKED:
         doc.update(array=leaf.array, chunk_shape=list(leaf.chunk_shape), chunks=leaf.chunks)
@@ -541,6 +652,12 @@ def _piece_from_json(doc: list[Any]) -> Piece:
     return Piece(
         tuple((_int(a), _int(b)) for a, b in region), _str(blob), _int(offset), _int(nbytes), _opt_str(digest)
     )
+
+
+def _state_from_json(doc: list[Any]) -> StateRecord:
+    process, blob, offset, nbytes, digest, encoding = doc
+    encoding = _one_of(encoding, STATE_ENCODINGS)
+    return StateRecord(_int(process), _str(blob), _int(offset), _int(nbytes), _str(digest), encoding)
 
 
 def _blob_to_json(blob: BlobRecord) -> dict[str, Any]:
@@ -611,6 +728,15 @@ def _leaf_from_json(doc: Mapping[str, Any], version: int) -> LeafRecord:
         storage = _one_of(doc["storage"], STORAGE_KINDS)
     if storage == NONE:
         return LeafRecord(**head, storage=NONE)
+    if storage == HOST or origin == "host":
+        if version < 4 or storage != HOST or origin != "host":
+            raise ValueError(f"leaf {head['path']!r}: storage {storage!r} with origin {origin!r}")
+        extra = dict(doc["extra"])
+        _one_of(extra.get("host_type"), HOST_TYPES)
+        states = tuple(_state_from_json(s) for s in doc["states"])
+        if not states or [s.process for s in states] != list(range(len(states))):
+            raise ValueError(f"leaf {head['path']!r}: states of processes {[s.process for s in states]}")
+        return LeafRecord(**head, storage=HOST, extra=extra, states=states)
     extra = dict(doc["extra"]) if version >= 2 else {
         k: doc[k] for k in ("prng_impl", "py_type", "numpy_scalar") if k in doc
     }
@@ -657,7 +783,7 @@ def _manifest_from_doc(doc: Mapping[str, Any]) -> Manifest:
         blobs = {_str(k): _blob_from_json(b) for k, b in doc["blobs"].items()}
     leaves = tuple(_leaf_from_json(leaf, version) for leaf in doc["leaves"])
     for leaf in leaves:
-        for piece in leaf.pieces:
+        for piece in (*leaf.pieces, *leaf.states):
             if piece.nbytes == 0:  # a zero-size leaf: nothing stored
                 continue
             if piece.blob not in blobs:

@@ -36,6 +36,7 @@ import numpy as np
 from jckpt import api, lease, multihost
 from jckpt import policy as P
 from jckpt.errors import CheckpointNotFoundError, CheckpointSaveError, CorruptCheckpointError, StepExistsError
+from jckpt.read import host_kind
 from jckpt.root import Root
 from jckpt.snapshots import snapshot
 
@@ -64,6 +65,28 @@ def _needs_copy(state: Any) -> bool:
     device-to-host transfer is a copy anyway.)
     """
     return any(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(state))
+
+
+def _like_of(init: Callable[[], Any]) -> Any:
+    """What ``init()``'s state restores into: ``jax.eval_shape`` structs for its arrays (init not run)
+    and, when it returns host objects (data iterators, generators), those of one real ``init()``
+    call, which restore sets (the arrays it computed are dropped before the restore)."""
+    traced = []
+
+    def arrays_only():
+        flat, treedef = jax.tree_util.tree_flatten(init())
+        hosts = [host_kind(leaf) is not None for leaf in flat]
+        traced.append((treedef, hosts))
+        return [None if host else leaf for leaf, host in zip(flat, hosts)]
+
+    shapes = jax.eval_shape(arrays_only)
+    treedef, hosts = traced[0]
+    if any(hosts):
+        flat, live_treedef = jax.tree_util.tree_flatten(init())
+        if live_treedef != treedef:
+            raise ValueError("init() returned trees of different structures when called twice")
+        shapes = [leaf if host else shape for leaf, shape, host in zip(flat, shapes, hosts)]
+    return jax.tree_util.tree_unflatten(treedef, shapes)
 
 
 class CheckpointManager:
@@ -467,7 +490,10 @@ class CheckpointManager:
 
         Args:
           init: builds a fresh state; also gives the structure to restore into
-            (``jax.eval_shape(init)``, so it is not run when restoring).
+            (``jax.eval_shape(init)``, so it is not run when restoring). When its
+            state holds host objects (a data iterator, a ``numpy.random.Generator``,
+            ``random.Random``), ``init()`` is called once to create them and the
+            restored states are set into those objects (its arrays are dropped).
           like: the structure to restore into instead of ``jax.eval_shape(init)``
             (needed when ``init`` cannot be traced).
 
@@ -486,7 +512,7 @@ class CheckpointManager:
         skipped = []
         for step in reversed(self.all_steps()):
             if like is None:
-                like = jax.eval_shape(init)
+                like = _like_of(init)
             restored, problems = self._restore_intact(like, step)
             if not problems:
                 return restored, step

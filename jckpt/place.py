@@ -1,14 +1,18 @@
-"""Placing: host buffers become the values asked for (jax arrays on their shardings, numpy, scalars, keys)."""
+"""Placing: host buffers become the values asked for (jax arrays on their shardings, numpy, scalars, keys),
+and saved host states are set into their objects."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import jax
 import numpy as np
 
 from jckpt import chunking
-from jckpt.read import LeafPlan
+from jckpt.read import LeafPlan, StatePlan
+
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")  # numpy's, by their state's name
 
 
 def _placements(plan: LeafPlan) -> list[tuple[np.ndarray, Any]]:
@@ -66,3 +70,37 @@ def finish(plans: list[LeafPlan]) -> list[Any]:
         plan = plans[i]
         values[i] = jax.make_array_from_single_device_arrays(plan.shape, plan.target.sharding, shards)
     return values
+
+
+def _set(plan: StatePlan, state: Any) -> Any:
+    """The target object with ``state`` set: the live one from ``like``, else a new generator
+    (numpy, Python) or, for other objects, the state itself."""
+    kind, live = plan.leaf.extra["host_type"], plan.target.live
+    if kind == "numpy.random.Generator" and live is None:
+        name = state.get("bit_generator") if isinstance(state, dict) else None
+        if name not in BIT_GENERATORS:
+            raise ValueError(f"leaf {plan.leaf.path!r}: unknown numpy bit generator {name!r}")
+        live = np.random.Generator(getattr(np.random, name)())
+    elif kind == "random.Random" and live is None:
+        live = random.Random()
+    elif live is None:
+        return state
+    try:
+        if kind == "numpy.random.Generator":
+            live.bit_generator.state = state
+        elif kind == "random.Random":
+            version, internal, gauss = state
+            live.setstate((version, tuple(internal), gauss))
+        else:
+            live.set_state(state)
+    except Exception as e:
+        raise ValueError(
+            f"leaf {plan.leaf.path!r}: setting the saved state into the {type(live).__name__} failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return live
+
+
+def set_states(plans: list[StatePlan], states: list[Any]) -> list[Any]:
+    """Each host-state plan's value, with ``states[i]`` (this process's state) set into its target."""
+    return [_set(plan, state) for plan, state in zip(plans, states)]

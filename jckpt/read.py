@@ -1,7 +1,8 @@
 """Reading: plan the reads each target sharding needs, read every chunk once, verify its hash.
 
 A :class:`LeafPlan` maps one stored leaf onto the host buffers of its target
-regions; :class:`Reader` reads the chunks of all plans pipelined across
+regions, a :class:`StatePlan` picks the per-process states of a host-state
+leaf out of their blobs; :class:`Reader` reads the chunks of all plans pipelined across
 leaves (every array opened up front, a bounded number of bytes in flight)
 and checks every chunk's hash before its bytes are used.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import mmap
+import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -30,18 +32,34 @@ MMAP_MIN_BYTES = 2**20  # host buffers this large are anonymous memory maps (see
 class Target(NamedTuple):
     """What one leaf is restored as."""
 
-    kind: str  # "jax" | "numpy" | "python" | "none"
+    kind: str  # "jax" | "numpy" | "python" | "none" | "host"
     dtype: np.dtype | None  # None: the stored logical dtype
     sharding: jax.sharding.Sharding | None  # jax targets; None: default device
     py_type: type | None = None
     key: bool = False  # a typed PRNG key
     scalar: bool = False  # a numpy scalar (np.generic) rather than an array
+    live: Any = None  # host states: the object to set (None: a new generator, or the state itself)
+
+
+def host_kind(like_leaf: Any) -> str | None:
+    """The host type (``format.HOST_TYPES``) a ``like`` leaf restores, or None for arrays and scalars."""
+    if isinstance(like_leaf, fmt.HostState):
+        return like_leaf.kind
+    if isinstance(like_leaf, np.random.Generator):
+        return "numpy.random.Generator"
+    if isinstance(like_leaf, random.Random):
+        return "random.Random"
+    if callable(getattr(like_leaf, "set_state", None)):
+        return "object"
+    return None
 
 
 def target_of(like_leaf: Any) -> Target:
     """The target a ``like`` leaf asks for."""
     if like_leaf is None:
         return Target("none", None, None)
+    if host_kind(like_leaf) is not None:
+        return Target("host", None, None, live=None if isinstance(like_leaf, fmt.HostState) else like_leaf)
     if isinstance(like_leaf, (bool, int, float, complex)):
         return Target("python", None, None, type(like_leaf))
     if isinstance(like_leaf, (np.ndarray, np.generic)):
@@ -52,13 +70,15 @@ def target_of(like_leaf: Any) -> Target:
             return Target("jax", None, sharding, key=True)
         return Target("jax", np.dtype(like_leaf.dtype), sharding)
     raise TypeError(
-        f"like leaves must be arrays, jax.ShapeDtypeStruct, Python scalars or None, "
-        f"got {type(like_leaf).__name__}"
+        f"like leaves must be arrays, jax.ShapeDtypeStruct, Python scalars, None or host objects "
+        f"(get_state/set_state, numpy.random.Generator, random.Random), got {type(like_leaf).__name__}"
     )
 
 
 def default_target(leaf: fmt.LeafRecord) -> Target:
     """The target of a leaf restored without ``like``: as it was saved."""
+    if leaf.storage == fmt.HOST:
+        return Target("host", None, None)
     py_type = {"int": int, "float": float, "bool": bool, "complex": complex}.get(leaf.extra.get("py_type"))
     key, scalar = "prng_impl" in leaf.extra, bool(leaf.extra.get("numpy_scalar"))
     return Target(leaf.origin, None, None, py_type, key=key, scalar=scalar)
@@ -68,6 +88,13 @@ def like_problems(leaf: fmt.LeafRecord, like_leaf: Any) -> list[str]:
     """Why ``like_leaf`` cannot be restored from ``leaf`` (empty when it can)."""
     if like_leaf is None:
         return []
+    kind = host_kind(like_leaf)
+    if leaf.storage == fmt.HOST or kind is not None:
+        saved = leaf.extra.get("host_type")
+        if saved == kind:
+            return []
+        held = f"the state of a {leaf.extra['class']}" if saved else f"a {leaf.dtype or 'None'} array"
+        return [f"{leaf.path!r}: the checkpoint holds {held}, like has a {type(like_leaf).__name__}"]
     stored = tuple(leaf.shape)
     wanted = () if isinstance(like_leaf, (bool, int, float, complex)) else tuple(like_leaf.shape)
     dtype = getattr(like_leaf, "dtype", None)
@@ -252,6 +279,30 @@ class LeafPlan:
         return copy
 
 
+class StatePlan:
+    """The saved states of one host-state leaf that a restore needs (those of ``processes``)."""
+
+    def __init__(self, leaf: fmt.LeafRecord, target: Target, processes: Sequence[int], step: int):
+        self.leaf, self.target, self.step = leaf, target, step
+        self.needed = [leaf.states[p] for p in processes]
+        self.states: list[Any] = []  # decoded, one per process in ``processes``
+
+    def blob_ranges(self) -> list[tuple[str, int, int]]:
+        return [(s.blob, s.offset, s.nbytes) for s in self.needed if s.nbytes]
+
+    def take_from_blobs(self, blobs: dict[str, np.ndarray]) -> None:
+        """Decodes each needed state from its blob (its chunks read and verified), checking its hash."""
+        for s in self.needed:
+            raw = blobs[s.blob][s.offset : s.offset + s.nbytes].tobytes() if s.nbytes else b""
+            where = f"step {self.step}, leaf {self.leaf.path!r}: the state of process {s.process} ({s.blob})"
+            if hashing.chunk_hash(np.frombuffer(raw, np.uint8)) != s.digest:
+                raise CorruptCheckpointError(f"{where}: hash mismatch")
+            try:
+                self.states.append(fmt.decode_state(s.encoding, raw))
+            except ValueError as e:
+                raise CorruptCheckpointError(f"{where}: not valid JSON: {e}") from e
+
+
 def blob_reads(
     manifest: fmt.Manifest, ranges: dict[str, list[tuple[int, int]]]
 ) -> tuple[list[_ChunkRead], dict[str, np.ndarray]]:
@@ -368,7 +419,10 @@ class Reader:
 
 
 def read_plans(
-    root: Root, manifest: fmt.Manifest, plans: list[LeafPlan], on_bytes: Callable[[int], None] | None = None
+    root: Root,
+    manifest: fmt.Manifest,
+    plans: Sequence[LeafPlan | StatePlan],
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Reader:
     """Reads (and verifies) every chunk the plans need; returns the reader for its counters.
 
@@ -385,7 +439,7 @@ def read_plans(
     reader = Reader(root, manifest, on_bytes)
     reader.run(reads)
     for p in plans:
-        if p.leaf.storage == fmt.PACKED:
+        if p.leaf.storage in (fmt.PACKED, fmt.HOST):
             p.take_from_blobs(buffers)
     return reader
 
@@ -395,8 +449,15 @@ def read_to_host(
     manifest: fmt.Manifest,
     leaves: Sequence[fmt.LeafRecord],
     on_bytes: Callable[[int], None] | None = None,
-) -> list[LeafPlan]:
-    """Reads and verifies whole ``leaves`` of a manifest into host memory (their stored bytes)."""
-    plans = [LeafPlan(leaf, Target("numpy", None, None)) for leaf in leaves if leaf.storage != fmt.NONE]
+) -> list[LeafPlan | StatePlan]:
+    """Reads and verifies whole ``leaves`` of a manifest into host memory (their stored bytes;
+    host states: every process's, decoded)."""
+    plans = [
+        StatePlan(leaf, Target("host", None, None), range(len(leaf.states)), manifest.step)
+        if leaf.storage == fmt.HOST
+        else LeafPlan(leaf, Target("numpy", None, None))
+        for leaf in leaves
+        if leaf.storage != fmt.NONE
+    ]
     read_plans(root, manifest, plans, on_bytes)
     return plans

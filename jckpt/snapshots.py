@@ -9,11 +9,17 @@ Each leaf is planned here as ``chunked`` (a zarr3 array of its own) or
 ``packed`` (small: its bytes go into a per-process blob), and holds exactly
 the shards this process writes: every replica-0 shard it owns of a sharded
 jax array, and on process 0 alone the whole of everything else.
+
+Host objects (an object with ``get_state()``/``set_state()`` such as a Grain
+iterator, a ``numpy.random.Generator``, a ``random.Random``) are *host-state*
+leaves: their state is taken here, at the call, and every process holds its
+own (it goes into that process's blob).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, NamedTuple
 
 import jax
@@ -51,7 +57,8 @@ class LeafSnapshot(NamedTuple):
     shape: tuple[int, ...]
     steps: tuple[int, ...]  # chunk-grid strides imposed by the sharding
     shards: list[Shard]  # the shards this process writes (may be empty)
-    extra: dict  # prng_impl, py_type, numpy_scalar
+    extra: dict  # prng_impl, py_type, numpy_scalar; host_type, class
+    encoding: str = ""  # host states: how the bytes in shards encode this process's state
 
 
 class Snapshot(NamedTuple):
@@ -190,11 +197,51 @@ def _jax_leaf(path, parts, array: jax.Array, copy: bool, primary: bool, started:
     )
 
 
+def _plain(value: Any) -> Any:
+    """A bit generator's state with numpy arrays and scalars as lists and Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+def host_state(value: Any) -> tuple[str, Any] | None:
+    """``(host type, state)`` of a host-state leaf, taken now; None when ``value`` is not one."""
+    if isinstance(value, np.random.Generator):
+        return "numpy.random.Generator", _plain(value.bit_generator.state)
+    if isinstance(value, random.Random):
+        version, internal, gauss = value.getstate()
+        return "random.Random", [version, list(internal), gauss]
+    if callable(getattr(value, "get_state", None)) and callable(getattr(value, "set_state", None)):
+        return "object", value.get_state()
+    return None
+
+
+def _host_leaf(path, parts, value: Any, kind: str, state: Any, process: int) -> LeafSnapshot:
+    cls = type(value)
+    encoding, raw = fmt.encode_state(state, f"leaf {path!r} ({cls.__name__})")
+    shard = Shard((slice(process, process + 1),), np.frombuffer(raw, np.uint8))
+    extra = {"host_type": kind, "class": f"{cls.__module__}.{cls.__qualname__}"}
+    return LeafSnapshot(path, parts, "host", fmt.HOST, "", "", (), (), [shard], extra, encoding)
+
+
+def _empty_tree_error(state: Any) -> ValueError:
+    hint = ""
+    if type(state).__name__ == "GraphDef" and type(state).__module__.startswith("flax"):
+        hint = (
+            " An nnx.GraphDef is the structure of a module, not its state: save the module itself, "
+            "or nnx.state(module), and rebuild with the same code (like=nnx.eval_shape(...))."
+        )
+    return ValueError(
+        f"nothing to save: {type(state).__name__} has no leaves (an empty tree would be stored).{hint}"
+    )
+
+
 def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
     """Copies ``state`` to host memory, ready to be written by a save.
 
     Args:
-      state: any pytree of jax arrays, numpy arrays, Python scalars and None.
+      state: any pytree of jax arrays, numpy arrays, Python scalars, None, and
+        host objects (see the module docstring), whose state is taken here.
       copy: own the host memory even where the data already lives on the host
         (CPU jax arrays, numpy arrays), so the caller may mutate or donate its
         buffers after this returns.  ``jckpt.save`` passes False.
@@ -204,6 +251,8 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
 
     Raises:
       UnsupportedLeafError: a leaf of an unsupported type (names its key path).
+      TypeError: a host object's state is neither bytes nor JSON-like (names its key path).
+      ValueError: ``state`` has no leaves at all (e.g. an ``nnx.GraphDef``).
 
     Example:
       >>> snap = snapshot({"w": np.ones(3)})
@@ -211,6 +260,8 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
       ('w', 'packed')
     """
     flat, _ = tree.flatten(state)
+    if not flat:
+        raise _empty_tree_error(state)
     primary = jax.process_index() == 0
     started = _start_copies([leaf for _, _, leaf in flat])
     leaves = []
@@ -224,9 +275,12 @@ def snapshot(state: Any, *, copy: bool = True) -> Snapshot:
             leaves.append(_numpy_leaf(path, parts, leaf, "numpy", copy, extra, primary))
         elif isinstance(leaf, (bool, int, float, complex)):
             leaves.append(_python_scalar(path, parts, leaf, primary))
+        elif (found := host_state(leaf)) is not None:
+            leaves.append(_host_leaf(path, parts, leaf, *found, jax.process_index()))
         else:
             raise UnsupportedLeafError(
-                f"leaf {path!r} has unsupported type {type(leaf).__name__}; leaves must be "
-                "jax arrays, numpy arrays, Python scalars or None"
+                f"leaf {path!r} has unsupported type {type(leaf).__name__}; leaves must be jax arrays, "
+                "numpy arrays, Python scalars, None, objects with get_state()/set_state(), "
+                "numpy.random.Generator or random.Random"
             )
     return Snapshot(leaves, jax.process_index(), lineage.of_state(state))

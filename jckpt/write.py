@@ -2,9 +2,10 @@
 
 A process writes its *fragment* of a save: the chunks of its replica-0 shards
 of chunked leaves, and one blob packing the small leaves (or shards) it
-holds.  Incremental saves compare hashes with the base manifest, per chunk
-for chunked leaves and per piece for packed ones, and refer to the base's
-bytes wherever they are equal.  :func:`assemble` merges the fragments of
+holds, with this process's state of every host-state leaf.  Incremental
+saves compare hashes with the base manifest, per chunk for chunked leaves,
+per piece for packed ones and per process for host states, and refer to the
+base's bytes wherever they are equal.  :func:`assemble` merges the fragments of
 every process into the step's manifest.
 """
 
@@ -198,8 +199,11 @@ class _Base:
     def __init__(self, base: fmt.Manifest | None):
         self.arrays: dict[str, tuple[dict, tuple]] = {}
         self.pieces: dict[tuple[str, tuple], tuple[fmt.Piece, tuple]] = {}
+        self.states: dict[tuple[str, int], fmt.StateRecord] = {}
         self.blobs = base.blobs if base is not None else {}
         for leaf in base.leaves if base is not None else ():
+            for state in leaf.states:
+                self.states[(leaf.path, state.process)] = state
             compat = (leaf.stored_dtype, leaf.shape)
             if leaf.storage == fmt.CHUNKED:
                 self.arrays[leaf.array] = (leaf.chunks, (*compat, leaf.chunk_shape))
@@ -213,9 +217,17 @@ class _Base:
 
     def piece(self, record: fmt.LeafRecord, region: tuple, digest: str) -> fmt.Piece | None:
         piece, compat = self.pieces.get((record.path, region), (None, None))
-        if piece is None or compat != (record.stored_dtype, record.shape) or piece.digest != digest:
+        if piece is None or piece.nbytes == 0:  # zero-size: in no blob, nothing to reuse
+            return None
+        if compat != (record.stored_dtype, record.shape) or piece.digest != digest:
             return None
         return piece
+
+    def state(self, path: str, process: int, digest: str, encoding: str) -> fmt.StateRecord | None:
+        state = self.states.get((path, process))
+        if state is None or state.nbytes == 0 or (state.digest, state.encoding) != (digest, encoding):
+            return None
+        return state
 
 
 def write_fragment(
@@ -258,7 +270,8 @@ def _write(
     chunks: dict[str, dict] = {}
     pieces: dict[str, list[fmt.Piece]] = {}
     blobs: dict[str, fmt.BlobRecord] = {}
-    parts, size = [], 0  # the bytes of this process's new pieces
+    states: dict[str, list[fmt.StateRecord]] = {}
+    parts, size = [], 0  # the bytes of this process's new pieces and states
     for leaf, record in zip(snap.leaves, records):
         if record.storage == fmt.CHUNKED and leaf.shards:
             chunks[leaf.path] = writer.add_array(
@@ -278,11 +291,24 @@ def _write(
                     parts.append((size, shard.data))
                     size += aligned(nbytes)
                 pieces.setdefault(leaf.path, []).append(piece)
+        elif record.storage == fmt.HOST:  # this process's state: reused when the base holds the same
+            (shard,) = leaf.shards
+            process, digest = shard.region[0].start, hashing.chunk_hash(shard.data)
+            state = base_index.state(leaf.path, process, digest, leaf.encoding)
+            if state is not None:
+                blobs[state.blob] = base_index.blobs[state.blob]
+            else:
+                nbytes = shard.data.nbytes
+                blob = blob_id if nbytes else ""
+                state = fmt.StateRecord(process, blob, size, nbytes, digest, leaf.encoding)
+                parts.append((size, shard.data))
+                size += aligned(nbytes)
+            states[leaf.path] = [state]
     if size:
         blobs[blob_id] = _write_blob(writer, blob_name, _pack(parts, size), options.chunk_bytes)
     writer.flush()
     plan_digest = fmt.plan_digest(records, options.compression)
-    return fmt.Fragment(plan_digest, chunks, pieces, blobs, writer.bytes_written)
+    return fmt.Fragment(plan_digest, chunks, pieces, blobs, writer.bytes_written, states)
 
 
 def check_fragments(step: int, fragments: list[fmt.Fragment]) -> None:
@@ -339,16 +365,20 @@ def assemble(
     """
     chunks: dict[str, dict] = {}
     pieces: dict[str, list[fmt.Piece]] = {}
+    states: dict[str, list[fmt.StateRecord]] = {}
     blobs: dict[str, fmt.BlobRecord] = {}
     for fragment in fragments:
         for path, table in fragment.chunks.items():
             chunks.setdefault(path, {}).update(table)
         for path, leaf_pieces in fragment.pieces.items():
             pieces.setdefault(path, []).extend(leaf_pieces)
+        for path, leaf_states in fragment.states.items():
+            states.setdefault(path, []).extend(leaf_states)
         blobs.update(fragment.blobs)
     leaves = tuple(
         record._replace(chunks=chunks.get(record.path, {})) if record.storage == fmt.CHUNKED
         else record._replace(pieces=tuple(pieces.get(record.path, ()))) if record.storage == fmt.PACKED
+        else record._replace(states=tuple(sorted(states[record.path]))) if record.storage == fmt.HOST
         else record
         for record in records
     )
@@ -361,7 +391,7 @@ def assemble(
         metrics=metrics,
         metadata=metadata,
         bytes_written=sum(f.bytes_written for f in fragments),
-        bytes_total=sum(record.nbytes for record in records),
+        bytes_total=sum(leaf.nbytes for leaf in leaves),
         created=created,
         save_seconds=save_seconds,
         leaves=leaves,

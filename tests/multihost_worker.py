@@ -318,6 +318,60 @@ def mode_keys(a: dict) -> dict:
     return {"ok": True}
 
 
+def _shard(pid: int, n: int):
+    """This process's iterator over its shard of a Grain dataset (every n-th example, as Grain shards)."""
+    import grain
+
+    return iter(grain.MapDataset.range(64).shuffle(seed=5)[pid::n].batch(2))
+
+
+def _draw(it, rng) -> list:
+    return [np.asarray(next(it)).tolist(), rng.random()]
+
+
+def mode_host_state(a: dict) -> dict:
+    """Each process at its own position in its own shard (and its own numpy Generator): step 1; then only
+    process 1 moves: step 2 (incremental). Each restores its own of both; n == 1: restores a group's."""
+    pid, n = jax.process_index(), jax.process_count()
+    values = global_values()
+    if n == 1:  # restore what a group of a["saved_by"] processes saved
+        like_state = {"loader": _shard(0, 1), "noise": np.random.default_rng(0)}
+        try:
+            jckpt.restore(a["dir"], like=like_state, step=2)
+        except ValueError as e:
+            error = str(e)
+        mapped = {}
+
+        def furthest(path, states):  # a map_states: one process resumes at the largest saved position
+            mapped[path] = states
+            return [max(states, key=lambda s: s["next_index"]) if path == "loader" else states[0]]
+
+        restored = jckpt.restore(a["dir"], like=like_state, step=2, map_states=furthest)
+        return {"error": error, "mapped": mapped, "next_index": restored["loader"].get_state()["next_index"]}
+    it, rng = _shard(pid, n), np.random.default_rng(100 + pid)
+    for _ in range(2 + 3 * pid):
+        _draw(it, rng)
+    state = {**build(values, a["mesh"]), "loader": it, "noise": rng}
+    jckpt.save(a["dir"], state, step=1, options=CHUNK)
+    expected = {1: _draw(it, rng)}  # what each process draws next after step 1, then after step 2
+    if pid == 0:  # process 0 did not move: its states are reused by step 2
+        it, rng = _shard(pid, n), np.random.default_rng(100 + pid)
+        for _ in range(2):
+            _draw(it, rng)
+    state = {**state, "loader": it, "noise": rng}
+    info = jckpt.save(a["dir"], state, step=2, kind="incremental", options=CHUNK)
+    expected[2] = _draw(it, rng)
+    got = {}
+    for step in (1, 2):
+        like_state = like(values, a["mesh"], "")
+        like_state.update(loader=_shard(pid, n), noise=np.random.default_rng(0))
+        restored = jckpt.restore(a["dir"], like=like_state, step=step)
+        check(restored, values, shardings(a["mesh"]))
+        got[step] = _draw(restored["loader"], restored["noise"])
+    assert got == expected, (got, expected)
+    return {"draws": got, "info": info._asdict()}
+
+
 MODES = {name[len("mode_") :]: fn for name, fn in globals().items() if name.startswith("mode_")}
 
 

@@ -78,7 +78,7 @@ def test_manifest_records_hash_and_holder_of_every_chunk(tmp_path):
         options=jckpt.SaveOptions(chunk_bytes=128 * 1024),
     )
     raw = json.loads((tmp_path / fmt.manifest_key(0)).read_bytes())
-    assert (raw["format"], raw["version"], raw["hash"]) == ("jckpt", 3, "xxh3_128")
+    assert (raw["format"], raw["version"], raw["hash"]) == ("jckpt", 4, "xxh3_128")
     assert raw["checksum"].startswith("xxh3_128:")
     manifest = Root(tmp_path).read_manifest(0)
     assert manifest.codecs == {manifest.data_dir: None}
@@ -146,7 +146,9 @@ def test_compressed_chunks_round_trip(tmp_path, compression):
 
 BF16 = jnp.bfloat16
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-OLD_ROOTS = ["v1", "v2"]  # written by jckpt 825afb0 (make_v1.py) and 2060f08 (make_v2.py: zstd, then none)
+# Written by jckpt 825afb0 (make_v1.py), 2060f08 (make_v2.py: zstd, then none) and 00708b3 (make_v3.py:
+# blosc, then none).
+OLD_ROOTS = ["v1", "v2", "v3"]
 
 
 def _old_state(step):

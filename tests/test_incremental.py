@@ -221,3 +221,13 @@ def test_incremental_save_of_small_leaves_writes_only_the_changed_ones(tmp_path,
     jckpt.delete(tmp_path, 0)  # the unchanged leaves still live in step 0's blob
     assert_trees_equal(jckpt.restore(tmp_path, like=state), state)
     jckpt.verify(tmp_path)
+
+
+def test_an_incremental_save_of_a_zero_size_leaf(tmp_path):
+    """A zero-size packed leaf has no bytes in any blob: nothing to reuse, nothing to look up."""
+    state = {"empty": np.zeros((0, 3), np.float32), "w": np.ones(3)}
+    jckpt.save(tmp_path, state, step=0)
+    jckpt.save(tmp_path, state, step=1, kind="incremental")
+    jckpt.delete(tmp_path, 0)
+    assert jckpt.restore(tmp_path, like=state)["empty"].shape == (0, 3)
+    jckpt.verify(tmp_path)

@@ -125,7 +125,7 @@ def test_prepare_environment_bounds_curl_stalls_but_keeps_a_users_setting():
     environ = {"TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "5"}
     storage.prepare_environment(storage.kvstore_spec("s3://bkt/run", environ={}), environ)
     assert environ["TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS"] == "5"
-    assert environ["TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES"] == "256"
+    assert environ["TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES"] == "16384"
     assert environ["TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS"] == "30"
     local = {}
     storage.prepare_environment(storage.kvstore_spec("/ckpt"), local)

@@ -17,6 +17,7 @@ The origin of an import is recorded in the step's lineage
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -87,8 +88,9 @@ def resolve_step(directory: str | os.PathLike, step: int | str | None) -> int:
     return jckpt.info(directory, step).step
 
 
-def leaf_specs(directory: str | os.PathLike, step: int) -> list[LeafSpec]:
-    """The array leaves of a committed step (``None`` leaves left out), in key-path order.
+def leaf_specs(directory: str | os.PathLike, step: int) -> tuple[list[LeafSpec], list[str]]:
+    """The array leaves of a committed step (``None`` leaves left out), in key-path order, and the
+    paths of its host-state leaves (data iterators, host RNGs: not tensors, so not exported).
 
     PRNG keys are described by their key data (uint32), Python scalars as 0-d arrays.
 
@@ -99,14 +101,15 @@ def leaf_specs(directory: str | os.PathLike, step: int) -> list[LeafSpec]:
     root = Root(directory)
     root.check_version()
     manifest = root.read_manifest(fmt.check_step(step))
-    return [
+    specs = [
         LeafSpec(
             tuple(_KEY_ENTRY[kind](value) for kind, value in leaf.keys),
             jax.ShapeDtypeStruct(tuple(leaf.shape), _dtypes.by_name(leaf.dtype)),
         )
         for leaf in manifest.leaves
-        if leaf.storage != fmt.NONE
+        if leaf.storage not in (fmt.NONE, fmt.HOST)
     ]
+    return specs, [leaf.path for leaf in manifest.leaves if leaf.storage == fmt.HOST]
 
 
 def _host_like(struct: jax.ShapeDtypeStruct) -> np.ndarray:
@@ -160,6 +163,26 @@ def read_leaves(
                 node = node[part]
             yield spec, np.asarray(node.pop(last))
         del restored
+
+
+class ImportedState:
+    """A data iterator's state read from another checkpoint (an Orbax item written by Grain's handler):
+    saved as a host state, it restores into the live iterator (``like``) with ``set_state``.
+
+    A Grain ``DataLoader`` iterator takes its state as JSON bytes, a ``DatasetIterator`` as the parsed
+    value: the text is kept as bytes when it is a DataLoader's (it names a sampler), else parsed.
+    """
+
+    def __init__(self, text: str):
+        doc = json.loads(text)
+        loader = isinstance(doc, dict) and {"last_seen_indices", "sampler"} <= doc.keys()
+        self.state = text.encode() if loader else doc
+
+    def get_state(self) -> Any:
+        return self.state
+
+    def set_state(self, state: Any) -> None:
+        self.state = state
 
 
 def save_imported(

@@ -61,8 +61,10 @@ def export(
 
     Tensors are named by their key path joined with ``"."`` (``params.layers.0.kernel``);
     dtypes are kept (bf16 and fp8 natively in safetensors; see the format
-    modules for the others).  ``None`` leaves are left out; PRNG keys are
-    exported as their key data (uint32) and Python scalars as 0-d arrays.
+    modules for the others).  ``None`` leaves are left out, and so are host
+    states (data iterators, host RNGs: they are not tensors; a warning names
+    them); PRNG keys are exported as their key data (uint32) and Python scalars
+    as 0-d arrays.
 
     Leaves are restored (hash-checked) and written a group of at most
     ``jckpt.interop._source.GROUP_BYTES`` (64 MiB) at a time, a larger leaf
@@ -101,7 +103,13 @@ def export(
     if format == "safetensors":
         safetensors_lib.parse_size(max_shard_size)  # fail before reading anything
     step = _source.resolve_step(directory, step)
-    specs = _source.leaf_specs(directory, step)
+    specs, host_states = _source.leaf_specs(directory, step)
+    if host_states:
+        warnings.warn(
+            f"export of step {step}: host states are not tensors and are not exported: "
+            + ", ".join(host_states),
+            stacklevel=2,
+        )
     names = [_names.join(_source.names(spec)) for spec in specs]
     _names.check_unique((name, "/".join(_source.names(spec))) for name, spec in zip(names, specs))
     chosen = set(_names.select(names, select))
@@ -214,6 +222,27 @@ def _nest_names(tensors: list[tuple[str, Any]], source: str) -> dict:
         raise UnsupportedSourceError(f"{source!r}: tensor names do not form a tree: {e}") from e
 
 
+def _grain_items(source: str, skipped: list[str], tree: dict) -> list[str]:
+    """Puts the Grain iterator items among ``skipped`` into ``tree`` as host states; returns the rest."""
+    left = []
+    for name in skipped:
+        directory = os.path.join(source, name)
+        texts = orbax_lib.grain_states(directory) if os.path.isdir(directory) else None
+        why = ""
+        if texts is not None and len(texts) > 1:
+            why = f" (Grain iterator states of {len(texts)} processes: only a single process's are imported)"
+        elif texts is not None and name in tree:
+            why = f" (a Grain iterator state, but {name!r} is taken by the arrays)"
+        if texts is None or why:
+            left.append(name + why)
+            continue
+        try:
+            tree[name] = _source.ImportedState(texts[0])
+        except ValueError:
+            left.append(f"{name} (not JSON)")
+    return left
+
+
 def import_from(
     source: str | os.PathLike,
     directory: str | os.PathLike,
@@ -233,8 +262,11 @@ def import_from(
     For Orbax, the saved tree with lists where Orbax recorded sequences, numpy
     arrays, Orbax scalars as numpy scalars; with several PyTree items (a
     CheckpointManager step), ``{item name: tree}``.  Dtypes are kept exactly.
-    String leaves and non-PyTree items cannot be stored and are skipped with a
-    warning (listed in the step's metadata under ``"skipped"``).
+    An Orbax item written by Grain's checkpoint handler (a data iterator's state)
+    of a single-process run becomes a host state under its item name: restore it
+    into the live iterator (``like={..., name: iterator}``).  String leaves and
+    other non-PyTree items cannot be stored and are skipped with a warning
+    (listed in the step's metadata under ``"skipped"``).
 
     Memory: safetensors files and uncompressed npz members are memory-mapped
     and handed to ``jckpt.save`` as they are (their pages are page cache, not
@@ -291,11 +323,12 @@ def import_from(
             with _progress.bar("import orbax", plan.nbytes, progress) as bar:
                 tree = orbax_lib.read(plan, spool, bar)
             metrics = found.metrics
-            if plan.skipped:
-                extra["skipped"] = plan.skipped
+            skipped = _grain_items(source, plan.skipped, tree)
+            if skipped:
+                extra["skipped"] = skipped
                 warnings.warn(
                     f"import_from({source!r}): not imported (jckpt stores arrays, scalars and None only): "
-                    + ", ".join(plan.skipped),
+                    + ", ".join(skipped),
                     stacklevel=2,
                 )
         with _progress.bar(f"import {format}: saving step {step}", None, progress):

@@ -57,6 +57,7 @@ TRANSACTION_BYTES = 16 * 2**20  # exported bytes buffered per OCDBT commit
 SLAB_BYTES = 64 * 2**20  # bytes read at once when importing an array
 _CACHE_BYTES = 32 * 2**20
 _PROCESS_DIR = re.compile(r"^ocdbt\.process_\d+$")
+_GRAIN_STATE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")  # Grain's checkpoint handler, per process
 # dtypes tensorstore's zarr driver cannot store (so Orbax cannot either)
 _NO_ZARR = frozenset({"uint2", "uint4", "float8_e4m3", "float6_e2m3fn", "float6_e3m2fn"})
 
@@ -262,6 +263,24 @@ def find(directory: str | os.PathLike) -> Found | None:
             f"directory, e.g. {os.path.join(directory, str(steps[-1]))!r}"
         )
     return None
+
+
+def grain_states(directory: str) -> list[str] | None:
+    """The per-process iterator states (JSON text, in process order) of an item that Grain's
+    checkpoint handler wrote (``process_<i>-of-<n>.json``), or None for any other directory."""
+    found = {}
+    for name in os.listdir(directory):
+        match = _GRAIN_STATE.match(name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = os.path.join(directory, name)
+    counts = {n for _, n in found}
+    if len(counts) != 1 or sorted(found) != [(i, n) for n in counts for i in range(n)]:
+        return None
+    texts = []
+    for key in sorted(found):
+        with open(found[key], encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
 
 
 # -- reading -------------------------------------------------------------------------------------
