@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import mmap
 import random
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -130,7 +129,10 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     aligned), not ``np.empty``: numpy marks large buffers for transparent huge
     pages, and where the kernel then compacts memory on first touch (THP
     ``defrag=madvise``, its default) filling fresh buffers took about twice
-    the CPU (see docs/storage.md, Performance).
+    the CPU (see docs/storage.md, Performance).  They are not faulted in
+    ahead (``MADV_POPULATE_WRITE``): the pages fault in as tensorstore's
+    threads write them, which measured faster in a process that has just built
+    and saved a large state and no slower elsewhere (docs/benchmarks.md).
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes >= MMAP_MIN_BYTES and alignment <= mmap.PAGESIZE and hasattr(mmap, "MAP_ANONYMOUS"):
@@ -143,30 +145,6 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-# madvise(MADV_POPULATE_WRITE) (Linux >= 5.14; Python 3.11's mmap module lacks the name): faults a
-# range in at once, cheaper than page by page on first write. Unset after a kernel refuses it.
-_populate_write: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
-
-
-def populate(view: np.ndarray) -> None:
-    """Faults in the memory of ``view`` (C-contiguous) now when it lies in a map of :func:`aligned_empty`."""
-    global _populate_write
-    base = view
-    while isinstance(base.base, np.ndarray):
-        base = base.base
-    held = base.base
-    if _populate_write is None or not isinstance(held, memoryview) or not isinstance(held.obj, mmap.mmap):
-        return
-    start = view.ctypes.data - base.ctypes.data
-    start -= start % mmap.PAGESIZE
-    try:
-        held.obj.madvise(_populate_write, start, view.ctypes.data + view.nbytes - base.ctypes.data - start)
-    except OSError:  # an older kernel: pages fault in on first write instead
-        _populate_write = None
-    except ValueError:  # a range the map refuses (e.g. empty): nothing to fault in
-        pass
 
 
 def _region(pairs: Sequence[Sequence[int]]) -> chunking.Region:
@@ -383,7 +361,6 @@ class Reader:
         if read.dest is not None:
             if read.dest.shape != source.shape or read.dest.dtype != store.dtype.numpy_dtype:
                 raise _corrupt(self.step, read, "stored array does not match its manifest")
-            populate(read.dest)  # here, just before its read: overlapped with the reads in flight
             return ts.array(read.dest, copy=False, write=True).write(source).commit, nbytes
         return source.read(), nbytes
 

@@ -1,4 +1,4 @@
-"""Host buffers of the read path: aligned, writable, memory-mapped when large, populated in place."""
+"""Host buffers of the read path: aligned, writable, memory-mapped when large."""
 
 from __future__ import annotations
 
@@ -19,16 +19,6 @@ def test_aligned_empty_is_aligned_writable_c_order(shape, dtype):
     assert buffer.size == 0 or buffer.ctypes.data % 64 == 0
     buffer[...] = 7
     assert (buffer == 7).all()
-
-
-def test_populate_leaves_the_buffer_usable():
-    buffer = read_lib.aligned_empty((2048, 1024), np.dtype(np.float32))  # 8 MiB: memory-mapped
-    view = buffer[100:1500]  # starts inside a page
-    read_lib.populate(view)
-    read_lib.populate(read_lib.aligned_empty((3,), np.dtype(np.float32)))  # small: a no-op
-    view[...] = 1.5
-    buffer[:100] = 2.0
-    assert (buffer[100:1500] == 1.5).all() and (buffer[:100] == 2.0).all()
 
 
 def test_large_leaves_restore_into_cpu_arrays_intact(tmp_path):
